@@ -1,0 +1,1 @@
+"""Quill pipelines: data, stages, CLI and evaluation around the Quill model."""
