@@ -1,0 +1,527 @@
+"""Quill: a small, fast decoder-only transformer for transformers 5.x.
+
+Pre-norm blocks of RMSNorm -> attention (fused QKV, GQA, optional QK-norm, RoPE) and RMSNorm -> SwiGLU MLP
+(fused gate/up), no biases. Attention goes through ``ALL_ATTENTION_FUNCTIONS`` so ``eager``, ``sdpa``,
+``flex_attention`` and ``flash_attention_2`` all work; Quill's default is its own ``quill_sdpa`` backend, which
+handles packed rows (several documents per row, marked by restarting ``position_ids``) by running SDPA's fused
+causal kernel on each document instead of materialising an LxL block-diagonal mask.
+
+This file and ``configuration_quill.py`` are copied next to every saved checkpoint, so they must stay flat
+siblings that import each other relatively (see transformers' remote-code loader).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, sdpa_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_quill import QuillConfig
+
+PACKED_ATTENTION = "quill_sdpa"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed-row attention backend
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DocumentLayout:
+    """Where the documents of a packed batch sit, computed once per forward and shared by every layer.
+
+    Documents are grouped into buckets of similar length (lengths in (C/2, C]); each bucket becomes one dense
+    ``(docs, heads, C, head_dim)`` SDPA call with ``is_causal=True``. Shorter documents are right-padded inside
+    their bucket, which is exact: under a causal mask a real token never looks at the padding after it. The cost
+    is therefore ~sum of squared document lengths (at most 4x that), never the squared row length.
+    """
+
+    gather: list[torch.Tensor]  # per bucket: (docs, C) indices into the flattened (batch*seq + 1) tokens
+    scatter: torch.Tensor  # (batch*seq,) index of each token in the concatenated bucket outputs
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor, batch: int) -> "DocumentLayout | None":
+        """None when every row holds exactly one document (then plain causal SDPA is already exact)."""
+        pos = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+        seq_len = pos.shape[1]
+        # A document starts wherever the position does not continue the previous one (transformers' own rule).
+        starts = torch.ones_like(pos, dtype=torch.bool)
+        starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+        doc_starts = starts.flatten().nonzero().squeeze(1)
+        if doc_starts.numel() == batch:
+            return None
+        total = batch * seq_len
+        lengths = torch.diff(doc_starts, append=doc_starts.new_tensor([total]))
+        bucket_of_doc = torch.ceil(torch.log2(lengths.float())).long()
+        gather, pieces, offset = [], [], 0
+        scatter = torch.empty(total + 1, dtype=torch.long, device=pos.device)
+        for bucket in bucket_of_doc.unique().tolist():
+            picked = (bucket_of_doc == bucket).nonzero().squeeze(1)
+            starts_b, lengths_b = doc_starts[picked], lengths[picked]
+            width = int(lengths_b.max())
+            cols = torch.arange(width, device=pos.device)
+            valid = cols[None, :] < lengths_b[:, None]
+            index = torch.where(valid, starts_b[:, None] + cols[None, :], total)  # padding reads a zero row
+            slots = offset + torch.arange(index.numel(), device=pos.device).view_as(index)
+            scatter[index[valid]] = slots[valid]
+            gather.append(index)
+            offset += index.numel()
+        return cls(gather=gather, scatter=scatter[:total])
+
+
+def packed_sdpa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    position_ids: torch.Tensor | None = None,
+    document_layout: "DocumentLayout | None | str" = "unset",
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SDPA that keeps packed documents apart. Inputs are (batch, heads, seq, head_dim) like every backend."""
+    batch, heads, q_len, head_dim = query.shape
+    full_prefix = attention_mask is None and key.shape[2] == q_len and q_len > 1
+    if document_layout == "unset":
+        has_positions = full_prefix and position_ids is not None
+        document_layout = DocumentLayout.from_position_ids(position_ids, batch) if has_positions else None
+    if not full_prefix or document_layout is None:
+        # Padding masks, decoding with a cache, or one document per row: stock SDPA is exact and fastest.
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:  # (B, H, L, D) -> (B*L + 1, H, D) with a trailing zero row
+        flat = x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+        return torch.cat([flat, flat.new_zeros(1, x.shape[1], x.shape[3])])
+
+    q_tok, k_tok, v_tok = tokens(query), tokens(key), tokens(value)
+    gqa = key.shape[1] != heads
+    outputs = []
+    for index in document_layout.gather:
+        docs, width = index.shape
+        q, k, v = (t[index].transpose(1, 2) for t in (q_tok, k_tok, v_tok))  # (docs, H, width, D)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout if module.training else 0.0, scale=scaling, is_causal=True, enable_gqa=gqa
+        )
+        outputs.append(out.transpose(1, 2).reshape(docs * width, heads, head_dim))
+    attn_output = torch.cat(outputs)[document_layout.scatter]
+    return attn_output.view(batch, q_len, heads, head_dim), None
+
+
+def packed_sdpa_mask(*args, attention_mask=None, q_length=None, kv_length=None, kv_offset=0, **kwargs):
+    """No mask at all for unpadded full-prefix input: the backend finds documents itself (no LxL tensor)."""
+    if attention_mask is None and q_length == kv_length and isinstance(kv_offset, int) and kv_offset == 0:
+        return None
+    return sdpa_mask(
+        *args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, kv_offset=kv_offset, **kwargs
+    )
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention_forward)
+AttentionMaskInterface.register(PACKED_ATTENTION, packed_sdpa_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class QuillRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # torch's fused rms_norm: one kernel instead of pow/mean/rsqrt/mul, same result in fp32.
+        return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class QuillRotaryEmbedding(nn.Module):
+    def __init__(self, config: QuillConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: QuillConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        base, dim = config.rope_parameters["rope_theta"], config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """q, k: (batch, heads, seq, head_dim); cos, sin: (batch, seq, head_dim)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    batch, kv_heads, seq_len, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    expanded = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq_len, head_dim)
+    return expanded.reshape(batch, kv_heads * n_rep, seq_len, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class QuillAttention(nn.Module):
+    def __init__(self, config: QuillConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        # One matmul for q, k and v: fewer, larger kernels (the split below is a free view).
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_norm = QuillRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = QuillRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        qkv = self.qkv_proj(hidden_states).view(*input_shape, -1, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=-2)
+        query_states = self.q_norm(q).transpose(1, 2)
+        key_states = self.k_norm(k).transpose(1, 2)
+        value_states = v.transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class QuillMLP(nn.Module):
+    def __init__(self, config: QuillConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class QuillDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: QuillConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = QuillAttention(config, layer_idx)
+        self.mlp = QuillMLP(config)
+        self.input_layernorm = QuillRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = QuillRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attn_out, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_out
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class QuillPreTrainedModel(PreTrainedModel):
+    config: QuillConfig
+    config_class = QuillConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["QuillDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": QuillDecoderLayer, "attentions": QuillAttention}
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        # Quill's packed-aware SDPA is the default; anything the user asks for explicitly still wins.
+        return super().get_correct_attn_implementation(requested_attention or PACKED_ATTENTION, is_init_check)
+
+
+class QuillModel(QuillPreTrainedModel):
+    def __init__(self, config: QuillConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(QuillDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = QuillRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = QuillRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
+
+        # transformers only looks for packed documents (restarting position_ids) when there is no cache, so an empty
+        # cache created by use_cache=True would let documents attend to each other. An empty dynamic cache changes
+        # nothing about the mask, so build the mask as if it were absent: packed rows stay separate either way.
+        fresh_dynamic_cache = isinstance(past_key_values, DynamicCache) and past_seen == 0
+        mask_cache = None if fresh_dynamic_cache and attention_mask is None else past_key_values
+        if not isinstance(causal_mask := attention_mask, dict):
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=mask_cache,
+                position_ids=position_ids,
+            )
+        else:
+            causal_mask = causal_mask["full_attention"]
+        if self.config._attn_implementation == PACKED_ATTENTION and causal_mask is None and past_seen == 0:
+            kwargs["document_layout"] = DocumentLayout.from_position_ids(position_ids, inputs_embeds.shape[0])
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        # The final norm lives in the backbone: TRL's fused LM head multiplies last_hidden_state by the
+        # output embedding itself, so nothing may sit between them in the causal-LM head.
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        )
+
+
+class QuillForCausalLM(QuillPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: QuillConfig):
+        super().__init__(config)
+        self.model = QuillModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class QuillForSequenceClassification(QuillPreTrainedModel):
+    """Backbone + a linear ``score`` head read at each row's last non-pad token (TRL's reward-model shape)."""
+
+    def __init__(self, config: QuillConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = QuillModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        batch = logits.shape[0]
+        pad_id = self.config.pad_token_id
+        if input_ids is not None and pad_id is not None:
+            # Rightmost non-pad token, so left and right padding both work.
+            non_pad = (input_ids != pad_id).to(logits.device, torch.int32)
+            last = (torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32) * non_pad).argmax(-1)
+        elif batch == 1 or attention_mask is None and pad_id is None:
+            last = torch.full((batch,), -1, device=logits.device)
+        else:
+            raise ValueError("QuillForSequenceClassification needs config.pad_token_id to pool padded batches")
+        pooled_logits = logits[torch.arange(batch, device=logits.device), last]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "DocumentLayout",
+    "PACKED_ATTENTION",
+    "QuillForCausalLM",
+    "QuillForSequenceClassification",
+    "QuillModel",
+    "QuillPreTrainedModel",
+    "packed_sdpa_attention_forward",
+]
