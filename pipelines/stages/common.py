@@ -26,6 +26,7 @@ from pipelines.checkpoint import (
     prepare_output_dir,
     push_folder,
 )
+from pipelines.data import builtin
 from pipelines.data.schemas import check_schema
 from pipelines.data.sources import load_mixture
 from pipelines.errors import QuillError
@@ -95,9 +96,13 @@ def peft_config(model_args, task: str):
 
 def load_stage_data(data_args, schema: str):
     """The stage's mixture with its held-out split, every source checked against the stage's schema first."""
-    splits = load_mixture(data_args.sources(), seed=data_args.dataset_seed, eval_size=data_args.eval_size)
+    sources = data_args.sources()
+    for src in sources:
+        src.path = builtin.resolve(src.path)
+    splits = load_mixture(sources, seed=data_args.dataset_seed, eval_size=data_args.eval_size)
     for split_name, split in splits.items():
-        check_schema(split, schema, source=f"{schema} {split_name} split")
+        if len(split) or split_name == "train":  # an eval split may be empty on purpose (eval_size: 0)
+            check_schema(split, schema, source=f"{schema} {split_name} split")
     return splits
 
 
@@ -105,7 +110,8 @@ def load_task_eval(data_args) -> list[dict]:
     """Held-out task rows ({prompt, task, answer, metadata}) for the accuracy a chat model is judged by."""
     if not getattr(data_args, "task_eval", None):
         return []
-    rows = load_mixture([data_args.task_eval], seed=data_args.dataset_seed, eval_size=0)["train"]
+    source = {**data_args.task_eval, "path": builtin.resolve(data_args.task_eval["path"])}
+    rows = load_mixture([source], seed=data_args.dataset_seed, eval_size=0)["train"]
     check_schema(rows, "rl", source=f"task_eval {data_args.task_eval}")
     return list(rows)[: data_args.task_eval_limit or None]
 
