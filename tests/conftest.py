@@ -114,3 +114,11 @@ def hub_server(tmp_path_factory):
     with HubServer(root=tmp_dir / "store") as server:
         yield HubFixture(server, tmp_dir)
 
+
+
+@pytest.fixture(scope="module")
+def hub_server_module(tmp_path_factory):
+    """The same server, shared by every test of a module (for tests built around one expensive run)."""
+    tmp_dir = tmp_path_factory.mktemp("hub")
+    with HubServer(root=tmp_dir / "store") as server:
+        yield HubFixture(server, tmp_dir)

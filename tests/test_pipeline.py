@@ -1,0 +1,133 @@
+"""The main job end to end, CI-sized: `quill run recipes/tiny` with a tiny model and a few steps per stage.
+
+Every stage folder must load where the project is not importable, the final model must answer a chat message
+through pipeline(), and the RL stage's push must round-trip through a Hub-protocol server.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_remote_code import run_isolated
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["tokenizer", "pretrain", "sft", "dpo", "reward", "rl"]
+
+# Small enough for a 2-core CI machine (the whole chain in well under 3 minutes), big enough to exercise everything.
+TINY = [
+    "tokenizer.vocab_size=512",
+    "tokenizer.dataset_mixture=[{path: quill:default/pretrain_train, max_samples: 300}]",
+    "tokenizer.eval_size=20",
+    "pretrain.model_config={depth: 2, hidden_size: 64, num_attention_heads: 2, intermediate_size: 128}",
+    "pretrain.dataset_mixture=[{path: quill:default/pretrain_train, max_samples: 300}]",
+    "pretrain.eval_size=20",
+    "pretrain.max_length=128",
+    "sft.dataset_mixture=[{path: quill:default/sft_train, max_samples: 200}]",
+    "sft.eval_size=20",
+    "sft.max_length=128",
+    "dpo.dataset_mixture=[{path: quill:default/dpo_train, max_samples: 64}]",
+    "dpo.eval_size=16",
+    "reward.dataset_mixture=[{path: quill:default/dpo_train, max_samples: 64}]",
+    "reward.eval_size=16",
+    "rl.dataset_mixture=[{path: quill:default/rl_train, max_samples: 32}]",
+    "rl.num_generations=4",
+    "rl.generation_batch_size=8",
+    "rl.max_completion_length=8",
+    "rl.per_device_train_batch_size=4",
+    "task_eval_limit=8",
+    "per_device_train_batch_size=4",
+    "per_device_eval_batch_size=8",
+    "max_steps=3",
+    "save_steps=2",
+    "logging_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, hub_server_module):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    env = hub_server_module.env(QUILL_CACHE=str(tmp_path_factory.getbasetemp() / "quill-cache"))
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(REPO / "recipes" / "tiny"), "--output-dir", str(out),
+           *TINY, "rl.push_to_hub=true", "rl.hub_model_id=user/quill-tiny-rl"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc, hub_server_module
+
+
+def test_chain_writes_every_stage_and_a_report(finished_run):
+    out, _, _ = finished_run
+    for stage in STAGES:
+        marker = json.loads((out / stage / "quill_stage.json").read_text())
+        assert marker["done"] is True, stage
+        assert (out / stage / "metrics.json").exists(), stage
+    for stage in STAGES[1:]:
+        folder = out / stage
+        for name in ["config.json", "model.safetensors", "modeling_quill.py", "configuration_quill.py",
+                     "tokenizer.json", "chat_template.jinja", "README.md"]:
+            assert (folder / name).exists(), f"{stage}/{name}"
+        # A reward model does not generate; every causal stage carries its generation settings.
+        assert (folder / "generation_config.json").exists() == (stage != "reward"), stage
+        assert not (folder / "checkpoints").exists(), stage  # resume points are cleaned up once the stage is done
+        auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+        assert "AutoModelForSequenceClassification" in auto_map and "AutoModelForCausalLM" in auto_map
+    # Chaining: SFT started from pretrain, DPO and reward from SFT (recorded in each model card).
+    assert f"base_model: {out / 'pretrain'}" in (out / "sft" / "README.md").read_text()
+    assert f"base_model: {out / 'sft'}" in (out / "dpo" / "README.md").read_text()
+    assert f"base_model: {out / 'sft'}" in (out / "reward" / "README.md").read_text()
+    report = (out / "report.md").read_text()
+    assert all(stage in report for stage in STAGES[1:])
+
+
+def test_generation_config_stops_at_end_of_turn(finished_run):
+    out, _, _ = finished_run
+    tok = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    for stage in ["sft", "dpo", "rl"]:
+        gen = json.loads((out / stage / "generation_config.json").read_text())
+        assert ids["<|end|>"] in gen["eos_token_id"] and ids["<|eos|>"] in gen["eos_token_id"], stage
+        assert gen["pad_token_id"] == ids["<|pad|>"]
+
+
+def test_every_stage_loads_without_the_project_and_the_final_model_chats(finished_run, tmp_path):
+    out, _, _ = finished_run
+    result = run_isolated(f"""
+        import json
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, pipeline
+        kinds = {{}}
+        for stage in ["pretrain", "sft", "dpo", "rl"]:
+            kinds[stage] = type(AutoModelForCausalLM.from_pretrained({str(out)!r} + "/" + stage, trust_remote_code=True)).__name__
+        kinds["reward"] = type(AutoModelForSequenceClassification.from_pretrained({str(out / 'reward')!r}, trust_remote_code=True)).__name__
+        chat = pipeline("text-generation", model={str(out / 'rl')!r}, trust_remote_code=True)
+        reply = chat([{{"role": "user", "content": "What is 2 + 3?"}}], max_new_tokens=8, do_sample=False)
+        print(json.dumps({{"kinds": kinds, "reply": reply[0]["generated_text"][-1]}}))
+    """, tmp_path)
+    assert result["kinds"]["reward"] == "QuillForSequenceClassification"
+    assert all(result["kinds"][s] == "QuillForCausalLM" for s in ["pretrain", "sft", "dpo", "rl"])
+    assert result["reply"]["role"] == "assistant" and isinstance(result["reply"]["content"], str)
+
+
+def test_pushed_model_answers_from_the_hub_in_a_fresh_process(finished_run):
+    _, _, hub = finished_run
+    proc = hub.run_python("""
+        import json
+        from transformers import pipeline
+        chat = pipeline("text-generation", model="user/quill-tiny-rl", trust_remote_code=True)
+        reply = chat([{"role": "user", "content": "What is 2 + 3?"}], max_new_tokens=8, do_sample=False)
+        print(json.dumps(reply[0]["generated_text"][-1]))
+    """)
+    reply = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert reply["role"] == "assistant"
+
+
+def test_rerun_skips_finished_stages(finished_run):
+    out, first, hub = finished_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")}
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(REPO / "recipes" / "tiny"), "--output-dir", str(out),
+           *TINY, "rl.push_to_hub=true", "rl.hub_model_id=user/quill-tiny-rl"]
+    env = hub.env(QUILL_CACHE=str(out.parent.parent / "quill-cache"))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")} == before
