@@ -1,0 +1,127 @@
+import json
+import socket
+import time
+
+import pytest
+
+from pipelines.data import tasks
+from pipelines.data.default_data import DEFAULT_SIZES, FILES, build_default_data
+from pipelines.data.schemas import check_schema
+from pipelines.data.sources import load_source
+from pipelines.errors import QuillError
+
+def read(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def question(row: dict) -> str | None:
+    if "messages" in row:
+        return row["messages"][0]["content"]
+    if "prompt" in row:
+        return row["prompt"][0]["content"]
+    if row["text"].startswith("<|user|>\n"):  # a task document in the pretraining text
+        return row["text"][len("<|user|>\n") :].split("<|end|>")[0]
+    return None
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The default data at default sizes, built with every network connection refused."""
+    def refuse(*args, **kwargs):
+        raise OSError("network used while building the default data")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(socket.socket, "connect", refuse)
+    mp.setattr(socket, "create_connection", refuse)
+    start = time.perf_counter()
+    try:
+        paths = build_default_data(tmp_path_factory.mktemp("default"), seed=0)
+    finally:
+        mp.undo()
+    return paths, time.perf_counter() - start
+
+
+def test_builds_offline_quickly_with_requested_sizes(built):
+    paths, seconds = built
+    assert seconds < 60, f"default data took {seconds:.1f}s"
+    assert set(paths) == set(FILES) | {"sources"}
+    for name in FILES:
+        rows = read(paths[name])
+        expected = {"pretrain_eval": DEFAULT_SIZES["pretrain_eval_docs"]}.get(name, DEFAULT_SIZES.get(name))
+        if expected is not None:
+            assert len(rows) == expected, name
+    tasks_in_sft = {r["task"] for r in read(paths["sft_train"])}
+    assert tasks_in_sft == set(tasks.TASKS)
+    sources_md = open(paths["sources"], encoding="utf-8").read()
+    for needle in ("PSF-2.0", "Apache-2.0", "public domain", "chain_sum", "word_sequence_reversal"):
+        assert needle in sources_md
+
+
+def test_every_file_passes_its_stage_schema(built):
+    paths, _ = built
+    expected = {
+        "pretrain": "text",
+        "sft": "messages",
+        "dpo": "preference_conversational",
+        "rl": "prompt_conversational",
+    }
+    for name in FILES:
+        stage = name.split("_")[0]
+        assert check_schema(load_source(paths[name]), stage, name) == expected[stage]
+
+
+def test_eval_sets_never_overlap_training(built):
+    paths, _ = built
+    train_files = ("pretrain_train", "sft_train", "dpo_train", "rl_train")
+    train = [q for name in train_files for r in read(paths[name]) if (q := question(r)) is not None]
+    held_out = [question(r) for name in ("sft_eval", "dpo_eval", "rl_eval") for r in read(paths[name])]
+    assert len(train) == len(set(train))  # no question is reused across (or within) training files
+    assert len(held_out) == len(set(held_out))
+    assert not set(train) & set(held_out)
+    assert len([q for q in train if q]) > 15000  # the task documents were found in the pretraining text
+    pretrain_train = {r["text"] for r in read(paths["pretrain_train"])}
+    assert not pretrain_train & {r["text"] for r in read(paths["pretrain_eval"])}
+
+
+def test_answers_score_one_and_rejected_below(built):
+    paths, _ = built
+    for r in read(paths["rl_eval"])[:200]:
+        assert tasks.score(r["task"], r["answer"], r) == 1.0
+    for r in read(paths["dpo_train"])[:300]:
+        row = {"answer": r["chosen"][0]["content"]}
+        assert tasks.score(r["task"], r["chosen"][0]["content"], row) == 1.0
+        assert tasks.score(r["task"], r["rejected"][0]["content"], row) < 1.0
+        assert r["rejected"] != r["chosen"]
+
+
+def test_reward_fn_accepts_strings_and_messages(built):
+    paths, _ = built
+    rows = read(paths["rl_train"])[:4]
+    columns = {k: [r[k] for r in rows] for k in ("task", "answer", "metadata")}
+    right = [r["answer"] + "<|end|>" for r in rows]
+    assert tasks.reward_fn(right, prompts=[r["prompt"] for r in rows], **columns) == [1.0] * 4
+    as_messages = [[{"role": "assistant", "content": f"  {r['answer']}\n"}] for r in rows]
+    assert tasks.reward_fn(as_messages, **columns) == [1.0] * 4
+    wrong = ["", "no idea", "zzz zzz", "<|end|>" + rows[3]["answer"]]
+    assert all(x < 1.0 for x in tasks.reward_fn(wrong, **columns))
+    with pytest.raises(QuillError, match="expected dataset columns"):
+        tasks.reward_fn(right, answer=columns["answer"])
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
+    small = {k: 20 for k in DEFAULT_SIZES} | {"pretrain_eval_docs": 5}
+    a = build_default_data(tmp_path / "a", sizes=small, seed=1)
+    b = build_default_data(tmp_path / "b", sizes=small, seed=1)
+    c = build_default_data(tmp_path / "c", sizes=small, seed=2)
+    for name in FILES:
+        assert open(a[name], "rb").read() == open(b[name], "rb").read(), name
+    assert open(a["sft_train"], "rb").read() != open(c["sft_train"], "rb").read()
+    with pytest.raises(QuillError, match="unknown key 'sft'"):
+        build_default_data(tmp_path / "d", sizes={"sft": 3})
+
+
+def test_small_task_space_is_reported_not_looped(tmp_path):
+    tiny = {"chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}  # 200 questions
+    with pytest.raises(QuillError, match="task 'chain_sum': expected new questions"):
+        build_default_data(tmp_path, sizes={"sft_train": 500}, tasks=tiny)
