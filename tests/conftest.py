@@ -122,3 +122,11 @@ def hub_server_module(tmp_path_factory):
     tmp_dir = tmp_path_factory.mktemp("hub")
     with HubServer(root=tmp_dir / "store") as server:
         yield HubFixture(server, tmp_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A finished tiny tokenizer + pretrain folder (see tests/tiny_outputs.py), shared by the whole session."""
+    from tiny_outputs import build_tiny
+
+    return build_tiny(tmp_path_factory.getbasetemp())

@@ -11,10 +11,12 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import set_seed
 
 from pipelines.checkpoint import (
@@ -31,6 +33,10 @@ from pipelines.data.schemas import check_schema
 from pipelines.data.sources import load_mixture
 from pipelines.errors import QuillError
 from pipelines.models import load_model, load_tokenizer, read_json
+
+# TRL's configs default gradient_checkpointing=True, which transformers 5 flags as deprecated on every TRL stage
+# start; that warning would break the one-line `error: ...` contract of run_guarded on stderr.
+warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 @dataclass
@@ -74,7 +80,12 @@ def start_stage(name, data_args, model_args, args, run, task: str = "causal-lm")
     if not tokenizer_path:
         raise QuillError(f"{name}: no tokenizer given", fix="set tokenizer_name_or_path (or model_name_or_path)")
     stage.tokenizer = load_tokenizer(tokenizer_path, model_args.trust_remote_code)
-    stage.model = load_model(model_args, stage.tokenizer, task=task)
+    try:
+        stage.model = load_model(model_args, stage.tokenizer, task=task)
+    except SafetensorError as err:  # a truncated/corrupted model.safetensors is not an OSError
+        raise QuillError(f"model '{model_args.model_name_or_path}' has a corrupted weights file "
+                         f"({' '.join(str(err).split())[:160]})",
+                         fix="restore the model folder, or re-run the stage that wrote it with overwrite=true") from None
     stage.peft_config = peft_config(model_args, task)
     stage.callbacks = [StopOnNonFiniteLoss()]
     return stage

@@ -39,7 +39,8 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: PretrainCo
         return stage.metrics
     splits = load_stage_data(data_args, "pretrain")
     train_rows = tokenize_and_pack(splits["train"], stage.tokenizer, args.max_length)
-    eval_rows = tokenize_and_pack(splits["eval"], stage.tokenizer, args.max_length)
+    # eval_size: 0 leaves an empty eval split on purpose: nothing to pack or evaluate then.
+    eval_rows = tokenize_and_pack(splits["eval"], stage.tokenizer, args.max_length) if len(splits["eval"]) else None
     trainer = Trainer(
         model=stage.model,
         args=args,
@@ -51,6 +52,8 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: PretrainCo
     )
 
     def evaluate() -> dict:
+        if eval_rows is None:
+            return {}
         loss = trainer.evaluate()["eval_loss"]
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
 

@@ -26,14 +26,15 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: SFTConfig,
         model=stage.model,
         args=args,
         train_dataset=splits["train"],
-        eval_dataset=splits["eval"],
+        eval_dataset=splits["eval"] if len(splits["eval"]) else None,  # eval_size: 0 -> no eval split (TRL
+        # cannot prepare an empty one)
         processing_class=stage.tokenizer,
         peft_config=stage.peft_config,
         callbacks=stage.callbacks,
     )
 
     def evaluate() -> dict:
-        metrics = {"eval_loss": trainer.evaluate()["eval_loss"]}
+        metrics = {"eval_loss": trainer.evaluate()["eval_loss"]} if trainer.eval_dataset is not None else {}
         if task_rows:
             metrics.update(task_accuracy(trainer.model, stage.tokenizer, task_rows))
         return metrics
