@@ -4,7 +4,8 @@ Pre-norm blocks of RMSNorm -> attention (fused QKV, GQA, optional QK-norm, RoPE)
 (fused gate/up), no biases. Attention goes through ``ALL_ATTENTION_FUNCTIONS`` so ``eager``, ``sdpa``,
 ``flex_attention`` and ``flash_attention_2`` all work; Quill's default is its own ``quill_sdpa`` backend, which
 handles packed rows (several documents per row, marked by restarting ``position_ids``) by running SDPA's fused
-causal kernel on each document instead of materialising an LxL block-diagonal mask.
+causal kernel on each document instead of materialising an LxL block-diagonal mask. With labels, the causal-LM
+head computes the logits and transformers' causal-LM loss in one fused, chunked pass (``LinearCrossEntropy``).
 
 This file and ``configuration_quill.py`` are copied next to every saved checkpoint, so they must stay flat
 siblings that import each other relatively (see transformers' remote-code loader).
@@ -16,9 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, sdpa_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -153,8 +156,10 @@ class QuillRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # torch's fused rms_norm: one kernel instead of pow/mean/rsqrt/mul, same result in fp32.
-        return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.eps)
+        # torch's fused rms_norm: one kernel instead of pow/mean/rsqrt/mul (it accumulates in fp32 for bf16 input).
+        # The weight is cast to the input's dtype because the fused kernel needs both to match: under bf16 autocast
+        # the QK-norms see bf16 q/k, and an fp32 weight would send them to the slow composite path (with a warning).
+        return F.rms_norm(hidden_states, self.weight.shape, self.weight.to(hidden_states.dtype), self.eps)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -323,6 +328,108 @@ class QuillDecoderLayer(GradientCheckpointingLayer):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Causal-LM loss fused with the LM head
+# ----------------------------------------------------------------------------------------------------------------
+
+# Tokens whose fp32 logits are processed at once: 256 * vocab 8192 * 4 bytes = 8 MiB, one buffer reused by every
+# chunk (a fresh allocation per chunk page-faults and cost ~3x more on CPU).
+LOSS_CHUNK_TOKENS = 256
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """``logits = hidden @ weight.T`` and the summed next-token cross-entropy, the softmax done a chunk at a time.
+
+    transformers' ``ForCausalLMLoss`` upcasts all (tokens, vocab) logits to fp32 and runs log_softmax, nll_loss and
+    their backward over them: several tokens*vocab*4-byte tensors allocated, page-faulted and streamed through memory
+    every step; on CPU that cost more than the LM-head matmuls. Here the logits stay in the matmul dtype (they are
+    what ``lm_head`` returns anyway); each chunk is upcast into one reused fp32 buffer, reduced to its loss and turned
+    into its gradient ``(softmax - one_hot) / divisor`` in place, then stored in the matmul dtype. Backward is the two
+    matmuls an ``nn.Linear`` would do. Same maths as transformers: matmul in the autocast dtype, softmax in fp32,
+    ``ignore_index`` tokens contribute nothing, sum / divisor. Less memory too: no fp32 (tokens, vocab) tensor.
+
+    The returned logits stay differentiable (a loss on them adds its gradient to the cross-entropy's).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, divisor, ignore_index, dtype, needs_grad):
+        ctx.set_materialize_grads(False)
+        h, w = hidden.to(dtype), weight.to(dtype)
+        logits = h @ w.t()
+        grad_logits = torch.empty_like(logits) if needs_grad else None
+        work = torch.empty(min(LOSS_CHUNK_TOKENS, len(logits)), logits.shape[1], device=h.device, dtype=torch.float32)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, len(logits), LOSS_CHUNK_TOKENS):
+            rows = slice(start, start + LOSS_CHUNK_TOKENS)
+            target = labels[rows]
+            valid = (target != ignore_index)[:, None]
+            target = torch.where(valid, target[:, None], 0)
+            chunk = work[: len(target)].copy_(logits[rows])  # fp32
+            chunk.sub_(chunk.amax(dim=-1, keepdim=True))  # shifted logits: exp cannot overflow
+            target_logit = chunk.gather(1, target)
+            sum_exp = chunk.exp_().sum(dim=-1, keepdim=True)
+            loss += torch.where(valid, sum_exp.log() - target_logit, 0).sum()  # logsumexp - target logit
+            if grad_logits is not None:
+                row_weight = valid / divisor
+                chunk.mul_(row_weight / sum_exp).scatter_add_(1, target, -row_weight)  # (softmax - one_hot) / divisor
+                grad_logits[rows] = chunk
+        ctx.save_for_backward(h, w, grad_logits)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return loss / divisor, logits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_of_logits):
+        h, w, grad_logits = ctx.saved_tensors
+        if grad_loss is None:
+            grad_logits, scale = grad_of_logits, None
+        elif grad_of_logits is not None:  # somebody also differentiated the returned logits
+            grad_logits, scale = grad_logits * grad_loss + grad_of_logits, None
+        else:
+            scale = grad_loss  # scale the (small) results, not the (tokens, vocab) gradient
+        if grad_logits is None:
+            return (None,) * 7
+        grad_hidden = grad_logits @ w if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.t() @ h if ctx.needs_input_grad[1] else None
+        if scale is not None:
+            grad_hidden = grad_hidden * scale if grad_hidden is not None else None
+            grad_weight = grad_weight * scale if grad_weight is not None else None
+        hidden_dtype, weight_dtype = ctx.dtypes
+        grad_hidden = grad_hidden.to(hidden_dtype) if grad_hidden is not None else None
+        grad_weight = grad_weight.to(weight_dtype) if grad_weight is not None else None
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def fused_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    lm_head: nn.Linear,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits) with the semantics of ``lm_head`` + transformers' ``ForCausalLMLoss`` (same arguments)."""
+    weight = lm_head.weight
+    hidden = hidden_states.to(weight.device)
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.reshape(-1).to(weight.device)
+    # As in fixed_cross_entropy: mean over non-ignored tokens, or sum / num_items_in_batch (gradient accumulation).
+    divisor = (shift_labels != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
+    if torch.is_tensor(divisor):
+        divisor = divisor.to(weight.device)
+    device_type = weight.device.type
+    autocasting = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocasting else hidden.dtype
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(device_type, enabled=False):
+        loss, logits = LinearCrossEntropy.apply(
+            hidden.reshape(-1, hidden.shape[-1]), weight, shift_labels, divisor, ignore_index, dtype, needs_grad
+        )
+    return loss, logits.view(*hidden.shape[:-1], -1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -424,6 +531,18 @@ class QuillForCausalLM(QuillPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def _can_fuse_loss(self, logits_to_keep) -> bool:
+        """The fused head + loss computes exactly ``lm_head`` + ``ForCausalLMLoss``; use it only when those are what
+        would run: the default loss, all positions kept, a plain Linear head without hooks (PEFT wrappers,
+        accelerate offload hooks and custom losses take the ordinary path)."""
+        head = self.lm_head
+        return (
+            isinstance(logits_to_keep, int) and logits_to_keep == 0
+            and self.loss_function is ForCausalLMLoss
+            and type(head) is nn.Linear and head.bias is None
+            and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
+        )  # fmt: skip
+
     @can_return_tuple
     def forward(
         self,
@@ -447,11 +566,14 @@ class QuillForCausalLM(QuillPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if labels is not None and self._can_fuse_loss(logits_to_keep):
+            loss, logits = fused_causal_lm_loss(hidden_states, self.lm_head, labels, **kwargs)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -518,6 +640,7 @@ class QuillForSequenceClassification(QuillPreTrainedModel):
 
 __all__ = [
     "DocumentLayout",
+    "LinearCrossEntropy",
     "PACKED_ATTENTION",
     "QuillForCausalLM",
     "QuillForSequenceClassification",
