@@ -176,10 +176,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.xfail(strict=True, reason="observed: step-1 loss matches 1 process to ~1e-7 (same init, same first global "
-                   "batch) but from step 2 the 2-process curve differs by ~1e-3..5e-3 relative (6.2389 vs 6.2311 at "
-                   "step 2): the first DDP update differs from the single-process one, or the step-2 batches differ; "
-                   "not yet investigated")
 def test_two_process_cpu_ddp_matches_single_process_loss_curve(tiny, tmp_path):
     out = tmp_path / "ddp"
     env = {**tiny["env"], "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
@@ -197,8 +193,9 @@ def test_two_process_cpu_ddp_matches_single_process_loss_curve(tiny, tmp_path):
 
     single, ddp = losses(tiny["pre"]), losses(out)
     assert sorted(single) == sorted(ddp) == list(range(1, 7))
-    # Same global batch (2 ranks x 2 rows = 1 x 4 rows, every packed row a full max_length of tokens), same data
-    # order (accelerate hands rank r the r-th per-device batch of the same seeded permutation) and DDP averages
-    # gradients: only float summation order differs (gloo all-reduce, per-rank means), hence a small tolerance.
+    # Same global batch (2 ranks x 2 rows = 1 x 4 rows), same data order (accelerate hands rank r the r-th
+    # per-device batch of the same seeded permutation), the loss divided by the global token count, and DDP
+    # averaging gradients: only float summation order differs (gloo all-reduce), hence a small tolerance. This
+    # caught a real bug: evaluating before train() left the model without its DDP wrapper (ranks never synced).
     for step in single:
         assert ddp[step] == pytest.approx(single[step], rel=1e-3, abs=1e-3), (step, single, ddp)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from pipelines.checkpoint import (
     CHECKPOINTS,
@@ -127,21 +127,36 @@ def load_task_eval(data_args) -> list[dict]:
     return list(rows)[: data_args.task_eval_limit or None]
 
 
+class EvaluateBeforeTraining(TrainerCallback):
+    """The stage's metrics on the starting model, taken once training has begun.
+
+    Calling `trainer.evaluate()` before `trainer.train()` makes the Trainer prepare the model for evaluation only,
+    and train() then reuses it without the DistributedDataParallel wrapper: every rank would train on its own
+    gradients. At `on_train_begin` the model is already wrapped and nothing has been updated yet.
+    """
+
+    def __init__(self, evaluate, path: Path):
+        self.evaluate, self.path, self.metrics = evaluate, path, {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.metrics = {f"{k}_before": v for k, v in self.evaluate().items()}
+        if state.is_world_process_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.metrics))
+
+
 def run_stage(stage: Stage, trainer, evaluate, datasets: list[str]) -> dict:
     """Resume or start, train, evaluate, then write the finished folder. `evaluate()` returns the stage's metrics."""
     out = stage.output_dir
     resume = last_complete_checkpoint(out)
-    before_file = out / CHECKPOINTS / "metrics_before.json"
+    before = EvaluateBeforeTraining(evaluate, out / CHECKPOINTS / "metrics_before.json")
     if resume:
         log(f"{stage.name}: resuming from {resume}")
-        before = read_json(before_file)
+        before.metrics = read_json(before.path)
     else:
-        before = {f"{k}_before": v for k, v in evaluate().items()}
-        if trainer.accelerator.is_main_process:
-            before_file.parent.mkdir(parents=True, exist_ok=True)
-            before_file.write_text(json.dumps(before))
+        trainer.add_callback(before)
     result = trainer.train(resume_from_checkpoint=resume)
-    metrics = {**before, **evaluate()}
+    metrics = {**before.metrics, **evaluate()}
     metrics.update(run_summary(stage, trainer, result))
     card = {"base_model": stage.model_args.model_name_or_path, "datasets": datasets,
             "hub_model_id": stage.hub_model_id}
