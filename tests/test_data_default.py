@@ -123,5 +123,18 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
 
 def test_small_task_space_is_reported_not_looped(tmp_path):
     tiny = {"chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}  # 200 questions
-    with pytest.raises(QuillError, match="task 'chain_sum': expected new questions"):
+    with pytest.raises(QuillError, match="task 'chain_sum': expected new train questions"):
         build_default_data(tmp_path, sizes={"sft_train": 500}, tasks=tiny)
+
+
+def test_eval_never_overlaps_training_of_another_build(tmp_path):
+    # A recipe may train on one build and evaluate on another (other sizes, other seed): the hash split keeps them
+    # apart even in chain_sum's small question space.
+    big = build_default_data(tmp_path / "big", sizes={"pretrain_task_docs": 0, "sft_train": 6000}, seed=0)
+    other = build_default_data(tmp_path / "other", sizes={"sft_train": 10, "rl_eval": 1000}, seed=7)
+    trained = {question(r) for r in read(big["sft_train"])}
+    evaluated = {question(r) for name in ("sft_eval", "dpo_eval", "rl_eval") for r in read(other[name])}
+    assert len(evaluated) > 1000 and not trained & evaluated
+    assert all(tasks.is_held_out(q) for q in evaluated) and not any(tasks.is_held_out(q) for q in trained)
+    share = sum(map(tasks.is_held_out, (f"q{i}" for i in range(10000)))) / 10000
+    assert abs(share - tasks.HELD_OUT_PERCENT / 100) < 0.02

@@ -13,7 +13,7 @@ from pipelines.data.default_data import FILES, build_default_data
 from pipelines.errors import QuillError
 
 PREFIX = "quill:default/"
-VERSION = "v1"  # bump when the generator changes, so stale caches are not reused
+VERSION = "v2"  # bump when the generator changes, so stale caches are not reused
 
 
 def cache_dir() -> Path:

@@ -6,7 +6,7 @@
   docstrings, read with `ast` so no module gets imported; plus task Q/A in the chat layout, so the model has seen
   the format before SFT (small models have no time for a separate mid-training stage).
 - SFT / DPO / RL rows from reasoning-gym tasks (see tasks.py), with held-out eval sets that share no question
-  with any training set.
+  with any training set, of this build or any other (tasks.is_held_out).
 """
 
 import ast
@@ -87,8 +87,8 @@ def _task_rows(task: str, config: dict, sizes: dict, n_tasks: int, index: int, s
     n = {k: _split(v, n_tasks)[index] for k, v in sizes.items()}
     rng = random.Random(f"{seed}-{task}")
     seen: set[str] = set()  # every question handed out, so no two rows (or files) share a question
-    train = task_lib.stream(task, seed * SEED_STRIDE, config, seen)
-    held_out = task_lib.stream(task, seed * SEED_STRIDE + EVAL_SEED_OFFSET, config, seen)
+    train = task_lib.stream(task, seed * SEED_STRIDE, config, seen, split="train")
+    held_out = task_lib.stream(task, seed * SEED_STRIDE + EVAL_SEED_OFFSET, config, seen, split="eval")
 
     def take(stream, count):
         return list(itertools.islice(stream, count))
@@ -120,7 +120,8 @@ def _task_rows(task: str, config: dict, sizes: dict, n_tasks: int, index: int, s
         "dpo_train": dpo(train, n["dpo_train"]),
         "rl_train": rl(take(train, n["rl_train"])),
     }
-    # Held-out sets come last: `seen` now holds every training question, so the eval stream skips them.
+    # The eval stream only yields held-out questions, which no training stream of any build yields; `seen` also
+    # keeps the three eval files apart from each other.
     out["sft_eval"] = sft(take(held_out, n["sft_eval"]))
     out["dpo_eval"] = dpo(held_out, n["dpo_eval"])
     out["rl_eval"] = rl(take(held_out, n["rl_eval"]))
@@ -202,9 +203,11 @@ Built offline by `pipelines.data.default_data.build_default_data(seed={seed})`.
 Tasks and their reasoning-gym configs:
 {task_lines}
 
-Held-out sets (`*_eval`) come from seeds {EVAL_SEED_OFFSET:,} away from the training seeds and are filtered so that
-no eval question appears in any training file (pretraining task documents included). DPO `rejected` answers are
-near misses (off by one or ten, swapped digits, words left in place or dropped) that score below 1.
+Held-out sets (`*_eval`) hold only questions from the eval-only {task_lib.HELD_OUT_PERCENT}% of each task's question
+space (chosen by a hash of the question text), which no training file of any build contains (pretraining task
+documents included); they are also drawn from seeds {EVAL_SEED_OFFSET:,} away from the training seeds. DPO
+`rejected` answers are near misses (off by one or ten, swapped digits, words left in place or dropped) that score
+below 1.
 
 | file | rows |
 |---|---|
