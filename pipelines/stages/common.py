@@ -114,6 +114,35 @@ def load_stage_data(data_args, schema: str):
     return load_mixture(sources, seed=data_args.dataset_seed, eval_size=data_args.eval_size, stage=schema)
 
 
+OVERLONG_CHECK_ROWS = 20_000  # enough to tell a user their max_length is wrong, cheap on any dataset
+
+
+def sample_length(tokenizer, row: dict) -> int:
+    """Tokens of the longest sequence a trainer builds from this row (prompt + completion / chosen / rejected)."""
+    def tokens(x) -> int:
+        if isinstance(x, list):
+            return len(tokenizer.apply_chat_template(x, tokenize=True, return_dict=False))
+        return len(tokenizer(x, add_special_tokens=False)["input_ids"])
+
+    if "messages" in row:
+        return tokens(row["messages"])
+    prompt = row.get("prompt") or ([] if isinstance(row.get("chosen", row.get("completion")), list) else "")
+    answers = [row[k] for k in ("completion", "chosen", "rejected") if k in row] or [prompt[:0]]
+    return max(tokens(prompt + a) if isinstance(a, list) else tokens(prompt) + tokens(a) for a in answers)
+
+
+def report_overlong(name: str, dataset, tokenizer, max_length: int | None) -> int:
+    """Quill's policy for samples longer than max_length: TRL truncates them; we count and say so, never silently."""
+    if not max_length:
+        return 0
+    checked = min(len(dataset), OVERLONG_CHECK_ROWS)
+    over = sum(sample_length(tokenizer, row) > max_length for row in dataset.select(range(checked)))
+    if over:
+        log(f"{name}: {over} of {checked} training samples checked are longer than max_length={max_length} tokens "
+            "and will be truncated (raise max_length to keep them whole)")
+    return over
+
+
 def load_task_eval(data_args) -> list[dict]:
     """Held-out task rows ({prompt, task, answer, metadata}) for the accuracy a chat model is judged by."""
     if not getattr(data_args, "task_eval", None):

@@ -13,7 +13,7 @@ from trl import DPOConfig, DPOTrainer
 
 from pipelines.config import DataArguments, ModelArguments, RunArguments, parse_stage_args
 from pipelines.evaluation import dpo_preference_accuracy, task_accuracy
-from pipelines.stages.common import load_stage_data, load_task_eval, run_stage, start_stage
+from pipelines.stages.common import load_stage_data, load_task_eval, report_overlong, run_stage, start_stage
 
 ARG_TYPES = (DataArguments, ModelArguments, DPOConfig, RunArguments)
 
@@ -23,6 +23,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: DPOConfig,
     if stage.skipped:
         return stage.metrics
     splits = load_stage_data(data_args, "dpo")
+    report_overlong("dpo", splits["train"], stage.tokenizer, args.max_length)
     task_rows = load_task_eval(data_args)
     # The starting model, frozen, for the implicit-reward metric (what DPO's "rewards/accuracies" measures).
     reference = copy.deepcopy(stage.model).eval() if stage.model is not None else None

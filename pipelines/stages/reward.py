@@ -11,7 +11,7 @@ from trl import RewardConfig, RewardTrainer
 
 from pipelines.config import DataArguments, ModelArguments, RunArguments, parse_stage_args
 from pipelines.evaluation import reward_preference_accuracy
-from pipelines.stages.common import load_stage_data, run_stage, start_stage
+from pipelines.stages.common import load_stage_data, report_overlong, run_stage, start_stage
 
 ARG_TYPES = (DataArguments, ModelArguments, RewardConfig, RunArguments)
 
@@ -21,6 +21,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: RewardConf
     if stage.skipped:
         return stage.metrics
     splits = load_stage_data(data_args, "reward")
+    report_overlong("reward", splits["train"], stage.tokenizer, args.max_length)
     pairs = list(splits["eval"])
     trainer = RewardTrainer(
         model=stage.model,

@@ -11,7 +11,7 @@ from trl import SFTConfig, SFTTrainer
 
 from pipelines.config import DataArguments, ModelArguments, RunArguments, parse_stage_args
 from pipelines.evaluation import task_accuracy
-from pipelines.stages.common import load_stage_data, load_task_eval, run_stage, start_stage
+from pipelines.stages.common import load_stage_data, load_task_eval, report_overlong, run_stage, start_stage
 
 ARG_TYPES = (DataArguments, ModelArguments, SFTConfig, RunArguments)
 
@@ -21,6 +21,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: SFTConfig,
     if stage.skipped:
         return stage.metrics
     splits = load_stage_data(data_args, "sft")
+    report_overlong("sft", splits["train"], stage.tokenizer, args.max_length)
     task_rows = load_task_eval(data_args)
     trainer = SFTTrainer(
         model=stage.model,
