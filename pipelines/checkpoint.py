@@ -189,7 +189,7 @@ A Quill decoder-only language model after the **{stage}** stage of a Quill pipel
 ## Use
 
 Quill's modeling code ships in this folder, so loading runs it as remote code (`trust_remote_code=True`);
-`pip install quill` makes the model load without remote code.
+with Quill installed, `import custom_models.quill` first and it loads with the installed code, no flag needed.
 
 ```python
 from transformers import pipeline
