@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,30 +21,12 @@ import torch
 from transformers import TrainerCallback
 
 from pipelines.errors import QuillError
+from pipelines.markers import MARKER, clear_stage_done, mark_stage_done
 
-MARKER = "quill_stage.json"
 CHECKPOINTS = "checkpoints"
 
 
 # -- output folder ---------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers see the old file or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def is_stage_done(output_dir) -> bool:
-    try:
-        return json.loads((Path(output_dir) / MARKER).read_text()).get("done") is True
-    except (OSError, json.JSONDecodeError):
-        return False
 
 
 def prepare_output_dir(output_dir: str, overwrite: bool = False) -> Path:
@@ -62,7 +43,7 @@ def prepare_output_dir(output_dir: str, overwrite: bool = False) -> Path:
         raise QuillError(f"output_dir '{out}' is not writable ({err.strerror})",
                          fix="choose a folder you can write to") from err
     if overwrite:
-        (out / MARKER).unlink(missing_ok=True)
+        clear_stage_done(out)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     return out
 
@@ -151,7 +132,7 @@ def finish_stage(trainer, tokenizer, output_dir, *, stage: str, card: dict, metr
             os.replace(item, target)
         staging.rmdir()
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-        atomic_write_text(out / MARKER, json.dumps({"done": True, "stage": stage, "finished": time.time()}))
+        mark_stage_done(out, {"stage": stage})
     trainer.accelerator.wait_for_everyone()
 
 

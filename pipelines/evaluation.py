@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.errors import QuillError
+from pipelines.markers import MARKER
 from pipelines.models import check_model_path, load_model, load_tokenizer, read_json
 
 # Eval-only default data: held-out sizes kept small so `quill eval` takes seconds. The *training* sizes stay at
@@ -403,7 +404,6 @@ def model_kind(path: str, trust_remote_code: bool = False) -> str:
 
 def stage_info(path: str) -> tuple[str | None, str | None]:
     """(stage, base model) of a Quill stage folder: the completion marker, else the model card's front matter."""
-    from pipelines.checkpoint import MARKER  # here: pipelines.checkpoint imports the Trainer stack (seconds)
 
     folder = Path(path)
     stage = read_json(folder / MARKER).get("stage")

@@ -19,7 +19,7 @@ Every stage is a module `pipelines/stages/<name>.py` (tokenizer, pretrain, sft, 
   `quill <name> --config FILE [key=value ...]`, or as
   `accelerate launch [--config_file X] -m pipelines.stages.<name> --config FILE [key=value ...]`.
 - When it finishes, it writes the marker `<output_dir>/quill_stage.json` = `{"done": true, ...}` LAST, atomically, on
-  the main process only (`mark_stage_done(output_dir, metrics)` here, or pipelines.checkpoint's equivalent): it is
+  the main process only (`pipelines.markers.mark_stage_done(output_dir, info)`, also importable from here): it is
   how a recipe run knows the stage is done and skips it next time.
 - With `overwrite=true` it starts over; otherwise, when output_dir holds a partial run (no marker), it resumes.
 - Errors a user can fix are `QuillError(problem, fix)`; run_guarded prints them as one line and exits 2.
@@ -65,13 +65,20 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipelines.markers import (  # noqa: F401  (stages and tests import the marker helpers from here too)
+    MARKER,
+    atomic_write_text,
+    clear_stage_done,
+    is_stage_done,
+    mark_stage_done,
+    read_stage_done,
+)
 from pipelines.config import (
     build_stage_args,
     did_you_mean,
@@ -87,50 +94,12 @@ from pipelines.errors import QuillError
 STAGE_NAMES = ("tokenizer", "pretrain", "sft", "dpo", "reward", "rl")
 STAGE_PACKAGE = "pipelines.stages"
 RECIPE_FILE = "recipe.yaml"
-MARKER = "quill_stage.json"  # written by a stage when it has finished
 RUN_RECORD = "quill_run.json"  # written by the runner in OUT: what ran, how, and how long
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE_DIR = REPO_ROOT / "recipes" / "accelerate"
 
 RECIPE_KEYS = ("name", "description", "output_dir", "accelerate_config", "stages")
 STAGE_KEYS = ("name", "config", "from", "reward_model", "stage", "module", "accelerate_config")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Completion marker (called by the stages)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def mark_stage_done(output_dir: str | os.PathLike, info: dict | None = None) -> Path:
-    """Writes `<output_dir>/quill_stage.json` atomically. Call it LAST, on the main process only."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # "done": true is what pipelines.checkpoint.is_stage_done looks for too.
-    record = {**(info or {}), "done": True, "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
-    # Write-then-rename: a crash mid-write must never leave a marker that says "done".
-    with tempfile.NamedTemporaryFile("w", dir=out, prefix=f".{MARKER}.", delete=False, encoding="utf-8") as f:
-        json.dump(record, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, out / MARKER)
-    return out / MARKER
-
-
-def read_stage_done(output_dir: str | os.PathLike) -> dict | None:
-    """The marker's contents, or None if the stage has not finished."""
-    try:
-        record = json.loads((Path(output_dir) / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get("done") is True else None
-
-
-def is_stage_done(output_dir: str | os.PathLike) -> bool:
-    return read_stage_done(output_dir) is not None
-
-
-def clear_stage_done(output_dir: str | os.PathLike) -> None:
-    (Path(output_dir) / MARKER).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -623,9 +592,7 @@ def _print_summary(out: Path, results: list[StageResult]) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def _write_report(out: Path) -> Any:

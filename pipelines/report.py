@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.checkpoint import MARKER
+from pipelines.markers import MARKER
 from pipelines.errors import QuillError
 from pipelines.models import read_json
 

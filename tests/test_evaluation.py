@@ -10,7 +10,8 @@ import torch
 
 from custom_models.quill import QuillConfig, QuillForCausalLM, QuillForSequenceClassification
 from pipelines import cli, evaluation
-from pipelines.checkpoint import MARKER, model_card
+from pipelines.checkpoint import model_card
+from pipelines.markers import MARKER
 from pipelines.data import tasks
 from pipelines.data.tokenizer import END, train_tokenizer
 from pipelines.models import load_tokenizer

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from pipelines import cli
-from pipelines.checkpoint import MARKER
+from pipelines.markers import MARKER
 from pipelines.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -23,7 +23,6 @@ from pipelines.checkpoint import (
     CHECKPOINTS,
     StopOnNonFiniteLoss,
     finish_stage,
-    is_stage_done,
     last_complete_checkpoint,
     prepare_output_dir,
     push_folder,
@@ -32,6 +31,7 @@ from pipelines.data import builtin
 from pipelines.data.schemas import check_schema
 from pipelines.data.sources import load_mixture
 from pipelines.errors import QuillError
+from pipelines.markers import is_stage_done
 from pipelines.models import load_model, load_tokenizer, read_json
 
 # TRL's configs default gradient_checkpointing=True, which transformers 5 flags as deprecated on every TRL stage

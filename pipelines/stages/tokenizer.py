@@ -9,7 +9,8 @@ model and its tokenizer always agree. metrics.json records compression (UTF-8 by
 import json
 from dataclasses import dataclass, field
 
-from pipelines.checkpoint import MARKER, atomic_write_text, is_stage_done, prepare_output_dir
+from pipelines.checkpoint import prepare_output_dir
+from pipelines.markers import is_stage_done, mark_stage_done
 from pipelines.config import DataArguments, RunArguments, parse_stage_args
 from pipelines.data.tokenizer import CHAT_TEMPLATE, bytes_per_token, train_tokenizer
 from pipelines.models import load_tokenizer, read_json
@@ -46,7 +47,7 @@ def train(data_args: DataArguments, args: TokenizerConfig, run: RunArguments) ->
     metrics = {"vocab_size": len(tokenizer), "bytes_per_token": bytes_per_token(tokenizer, splits["eval"]["text"])}
     tokenizer.save_pretrained(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    atomic_write_text(out / MARKER, json.dumps({"done": True, "stage": "tokenizer"}))
+    mark_stage_done(out, {"stage": "tokenizer"})
     log(f"tokenizer: {metrics['vocab_size']} tokens, {metrics['bytes_per_token']:.2f} bytes/token -> {out}")
     return metrics
 
