@@ -16,11 +16,8 @@ The `evaluate` library is not used: all its metrics (even "accuracy") are script
 """
 
 import argparse
-import importlib.metadata
 import json
 import math
-import os
-import shutil
 import sys
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
@@ -35,10 +32,8 @@ from pipelines.errors import QuillError
 from pipelines.markers import MARKER
 from pipelines.models import check_model_path, load_model, load_tokenizer, read_json
 
-# Eval-only default data: held-out sizes kept small so `quill eval` takes seconds. The *training* sizes stay at
-# their defaults on purpose: held-out questions are drawn after (and filtered against) the training questions, so
-# only the default training sizes reproduce the held-out sets of a run that used the default data.
-EVAL_DATA_SIZES = {"sft_eval": 0, "dpo_eval": 100, "rl_eval": 200}
+# Rows `quill eval` scores from the default data when --limit is not given: enough to compare stages, quick on CPU.
+DEFAULT_EVAL_ROWS = {"pretrain_eval": None, "rl_eval": 200, "dpo_eval": 100}
 EVAL_FILES = ("pretrain_eval", "rl_eval", "dpo_eval")
 STAGES = ("pretrain", "sft", "dpo", "reward", "rl")
 
@@ -355,22 +350,10 @@ def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
 
 
 def default_eval_dir() -> Path:
-    """The default data's held-out files, built once into a cache folder (QUILL_CACHE, default ~/.cache/quill)."""
-    from pipelines.data.default_data import build_default_data
+    """The embedded default data's folder, the same one `quill:default/...` recipes train from (built once)."""
+    from pipelines.data import builtin
 
-    root = Path(os.environ.get("QUILL_CACHE") or Path.home() / ".cache" / "quill")
-    folder = root / f"eval-data-seed0-rg{importlib.metadata.version('reasoning-gym')}"
-    if (folder / "SOURCES.md").exists():
-        return folder
-    tmp = root / f".eval-data-{os.getpid()}"
-    build_default_data(tmp, sizes=EVAL_DATA_SIZES)
-    for path in tmp.glob("*_train.jsonl"):  # only the held-out files are needed here
-        path.unlink()
-    try:
-        os.replace(tmp, folder)  # atomic: a concurrent `quill eval` sees no folder or a complete one
-    except OSError:  # another process got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return Path(builtin.resolve("quill:default/rl_eval")).parent
 
 
 def load_eval_data(data_dir=None, limit: int | None = None) -> EvalData:
@@ -378,8 +361,10 @@ def load_eval_data(data_dir=None, limit: int | None = None) -> EvalData:
     if data_dir is not None and not Path(data_dir).is_dir():
         raise QuillError(f"eval data folder '{data_dir}' not found", fix="pass --data-dir a folder made by the data step")
     folder = Path(data_dir) if data_dir is not None else default_eval_dir()
-    texts = [r["text"] for r in _read_jsonl(folder / "pretrain_eval.jsonl", limit) if r.get("text")]
-    data = EvalData(folder, texts, _read_jsonl(folder / "rl_eval.jsonl", limit), _read_jsonl(folder / "dpo_eval.jsonl", limit))
+    rows = {name: limit if limit is not None or data_dir is not None else DEFAULT_EVAL_ROWS[name] for name in EVAL_FILES}
+    texts = [r["text"] for r in _read_jsonl(folder / "pretrain_eval.jsonl", rows["pretrain_eval"]) if r.get("text")]
+    data = EvalData(folder, texts, _read_jsonl(folder / "rl_eval.jsonl", rows["rl_eval"]),
+                    _read_jsonl(folder / "dpo_eval.jsonl", rows["dpo_eval"]))
     if not (data.texts or data.task_rows or data.pairs):
         raise QuillError(f"eval data folder '{folder}' has none of {', '.join(f + '.jsonl' for f in EVAL_FILES)}",
                          fix="pass --data-dir a folder with held-out files in the default data's layout")
