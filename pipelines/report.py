@@ -144,21 +144,26 @@ def _pyplot():
     return plt
 
 
-def plot_training_loss(stages: list[StageResult], path: Path) -> bool:
-    series = {s.name: [(r["step"], r["loss"]) for r in s.log if "loss" in r and "step" in r] for s in stages}
-    series = {k: v for k, v in series.items() if v}
-    if not series:
-        return False
+def _line_chart(series: dict[str, list[tuple]], path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """One line per series of (x, y) points; markers while there are few enough to read."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, points in series.items():
         ax.plot(*zip(*points), label=name, marker="." if len(points) < 30 else None)
-    ax.set(xlabel="step (within the stage)", ylabel="training loss", title="Training loss per stage")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_training_loss(stages: list[StageResult], path: Path) -> bool:
+    series = {s.name: [(r["step"], r["loss"]) for r in s.log if "loss" in r and "step" in r] for s in stages}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return False
+    _line_chart(series, path, "step (within the stage)", "training loss", "Training loss per stage")
     return True
 
 
@@ -195,17 +200,8 @@ def plot_rl_reward(stages: list[StageResult], path: Path) -> bool:
             (k.startswith("rewards/") and not k.endswith("/std"))]
     if not keys:
         return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in keys:
-        points = [(r["step"], r[key]) for r in rl.log if _num(r.get(key)) is not None and "step" in r]
-        ax.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
-    ax.set(xlabel="step", ylabel="mean reward", title="Reward during RL")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    series = {key: [(r["step"], r[key]) for r in rl.log if _num(r.get(key)) is not None and "step" in r] for key in keys}
+    _line_chart(series, path, "step", "mean reward", "Reward during RL")
     return True
 
 
