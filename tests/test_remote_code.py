@@ -6,15 +6,9 @@ import sys
 import textwrap
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from custom_models.quill import QuillConfig, QuillForCausalLM
-
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
+from pipelines.data.tokenizer import train_tokenizer
 
 # Runs first in the child: any import of the project's packages fails, as on a machine without Quill installed.
 BLOCK_PROJECT = textwrap.dedent("""
@@ -28,15 +22,9 @@ BLOCK_PROJECT = textwrap.dedent("""
 
 
 def tiny_tokenizer():
-    specials = ["<|pad|>", "<|bos|>", "<|eos|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    # Quill's own tokenizer (special tokens, chat template), trained on a few sentences in milliseconds.
     text = ["the quick brown fox jumps over the lazy dog", "what is two plus two? four."] * 20
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
-                                   pad_token="<|pad|>", chat_template=TEMPLATE)
+    return train_tokenizer(text, vocab_size=300, min_frequency=1)
 
 
 def save_checkpoint(path):
