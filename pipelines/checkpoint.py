@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from pipelines.errors import QuillError
+from pipelines.errors import QuillError, first_line
 from pipelines.markers import MARKER, clear_stage_done, mark_stage_done
 
 CHECKPOINTS = "checkpoints"
@@ -201,6 +201,6 @@ def push_folder(output_dir, hub_model_id: str, token: str | None = None, attempt
             if attempt < attempts:
                 time.sleep(wait * attempt)
     raise QuillError(f"push to the Hub repo '{hub_model_id}' failed after {attempts} attempts "
-                     f"({type(last_error).__name__}: {str(last_error).splitlines()[0][:160] if str(last_error) else ''})",
+                     f"({type(last_error).__name__}: {first_line(last_error, 160)})",
                      fix=f"the local output in {output_dir} is complete; check the network/token and re-run with "
                      "--overwrite or push it with `huggingface-cli upload`")

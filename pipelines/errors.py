@@ -11,3 +11,8 @@ class QuillError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(problem if not fix else f"{problem}; fix: {fix}")
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name if it has none): fits a one-line QuillError."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]

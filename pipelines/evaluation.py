@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from pipelines.errors import QuillError
+from pipelines.errors import QuillError, first_line
 from pipelines.markers import MARKER
 from pipelines.models import check_model_path, load_model, load_tokenizer, read_json
 
@@ -381,7 +381,7 @@ def model_kind(path: str, trust_remote_code: bool = False) -> str:
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise QuillError(f"model '{path}' could not be loaded ({str(err).strip().splitlines()[0][:200]})",
+        raise QuillError(f"model '{path}' could not be loaded ({first_line(err)})",
                          fix="pass a model folder or Hub id (add --trust-remote-code for custom code)") from err
     archs = getattr(config, "architectures", None) or []
     return "reward" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal-lm"

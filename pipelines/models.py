@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import custom_models.quill  # noqa: F401  registers Quill with the Auto classes, so no remote code is needed here
 from custom_models.quill import QuillConfig, QuillForCausalLM
-from pipelines.errors import QuillError
+from pipelines.errors import QuillError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -18,7 +18,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise QuillError(f"tokenizer '{name_or_path}' could not be loaded ({_first_line(err)})",
+        raise QuillError(f"tokenizer '{name_or_path}' could not be loaded ({first_line(err)})",
                          fix="point tokenizer_name_or_path at a tokenizer folder or Hub id") from err
     if tokenizer.pad_token is None:
         # Padding is needed for batched eval and reward models; EOS is the conventional stand-in.
@@ -62,7 +62,7 @@ def load_model(model_args, tokenizer, task: str = "causal-lm"):
         model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn,
                                      trust_remote_code=model_args.trust_remote_code, **extra)
     except OSError as err:
-        raise QuillError(f"model '{path}' could not be loaded ({_first_line(err)})",
+        raise QuillError(f"model '{path}' could not be loaded ({first_line(err)})",
                          fix="check the path or Hub id; a corrupted model.safetensors must be restored or retrained") from err
     check_vocab(model, tokenizer, path)
     if task != "causal-lm":
@@ -87,7 +87,3 @@ def read_json(path: Path) -> dict:
 def _padded_vocab(n: int, multiple: int = 64) -> int:
     # Embedding rows padded to a multiple of 64: matmul-friendly shapes; the extra rows are never sampled in practice.
     return -(-n // multiple) * multiple
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
