@@ -149,6 +149,36 @@ AttentionMaskInterface.register(PACKED_ATTENTION, packed_sdpa_mask)
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with torch's fused forward kernel and a short hand-written backward.
+
+    ``F.rms_norm``'s autograd path on CPU decomposes into pow/mean/rsqrt/mul and differentiates each of them, and in
+    bf16 it accumulates the weight gradient in bf16. Here the forward is one fused kernel that also returns the
+    per-row ``rstd``, and the backward is, with ``gw = grad * weight``:
+        grad_x = gw * rstd - x * rstd^3 * mean(gw * x)        grad_weight = sum_rows(grad * x * rstd) (in fp32)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # The weight is cast to x's dtype: under bf16 autocast the fused kernel needs both to match.
+        out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight.to(x.dtype), eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        acc = torch.promote_types(x.dtype, torch.float32)  # reductions in at least fp32
+        gw = grad * weight.to(grad.dtype)
+        coef = torch.linalg.vecdot(gw, x).unsqueeze(-1).to(acc).mul_(rstd.pow(3)).div_(-x.shape[-1])
+        grad_x = torch.addcmul(gw * rstd, x, coef).to(x.dtype)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * (x * rstd)).reshape(-1, x.shape[-1]).sum(0, dtype=acc).to(weight.dtype)
+        return grad_x, grad_weight, None
+
+
 class QuillRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -156,10 +186,9 @@ class QuillRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # torch's fused rms_norm: one kernel instead of pow/mean/rsqrt/mul (it accumulates in fp32 for bf16 input).
-        # The weight is cast to the input's dtype because the fused kernel needs both to match: under bf16 autocast
-        # the QK-norms see bf16 q/k, and an fp32 weight would send them to the slow composite path (with a warning).
-        return F.rms_norm(hidden_states, self.weight.shape, self.weight.to(hidden_states.dtype), self.eps)
+        if hidden_states.is_cuda:  # CUDA has fused forward and backward kernels for F.rms_norm
+            return F.rms_norm(hidden_states, self.weight.shape, self.weight.to(hidden_states.dtype), self.eps)
+        return RMSNormFunction.apply(hidden_states, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -193,15 +222,40 @@ class QuillRotaryEmbedding(nn.Module):
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """RoPE, ``x * cos + rotate_half(x) * sin`` (halves convention, sign=-1 rotates back), in x's dtype.
+
+    One multiply and two in-place multiply-adds on the halves instead of the six passes and two temporaries of
+    ``rotate_half``; cos/sin are cast to x's dtype so that under autocast bf16 q/k stay bf16 (an fp32 cos would
+    promote them to fp32, and SDPA would then cast them back)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-sign)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:], value=sign)
+    return out
 
 
-def apply_rotary_pos_emb(q, k, cos, sin):
-    """q, k: (batch, heads, seq, head_dim); cos, sin: (batch, seq, head_dim)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+class Rotary(torch.autograd.Function):
+    """RoPE with a hand-written backward: a rotation's adjoint is the inverse rotation, so nothing but cos/sin is
+    kept for backward and the gradient costs what the forward does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return rotate(x, cos, sin)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return rotate(grad, cos, sin, sign=-1.0), None, None
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q, k: (batch, seq, heads, head_dim), the layout the projection produces; cos, sin: (batch, seq, head_dim)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -262,12 +316,8 @@ class QuillAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         qkv = self.qkv_proj(hidden_states).view(*input_shape, -1, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=-2)
-        query_states = self.q_norm(q).transpose(1, 2)
-        key_states = self.k_norm(k).transpose(1, 2)
-        value_states = v.transpose(1, 2)
-
-        cos, sin = position_embeddings
-        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        q, k = apply_rotary_pos_emb(self.q_norm(q), self.k_norm(k), *position_embeddings)
+        query_states, key_states, value_states = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
@@ -287,6 +337,31 @@ class QuillAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
+class SwiGLUFunction(torch.autograd.Function):
+    """``silu(gate) * up`` on the fused gate/up projection, keeping only that projection for backward.
+
+    Autograd would keep gate, silu(gate) and up, then assemble the gradient of the fused projection with a
+    ``cat``; here the two halves of the gradient are written straight into one buffer (same maths, same numbers).
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_gate_up
+
+
 class QuillMLP(nn.Module):
     def __init__(self, config: QuillConfig):
         super().__init__()
@@ -294,8 +369,7 @@ class QuillMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(SwiGLUFunction.apply(self.gate_up_proj(x)))
 
 
 class QuillDecoderLayer(GradientCheckpointingLayer):
