@@ -150,18 +150,24 @@ AttentionMaskInterface.register(PACKED_ATTENTION, packed_sdpa_mask)
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with torch's fused forward kernel and a short hand-written backward.
+    """RMSNorm with a short hand-written backward; with ``gw = grad * weight`` and ``rstd = 1/rms(x)`` per row:
+        grad_x = gw * rstd - x * rstd^3 * mean(gw * x)        grad_weight = sum_rows(grad * x * rstd)
 
-    ``F.rms_norm``'s autograd path on CPU decomposes into pow/mean/rsqrt/mul and differentiates each of them, and in
-    bf16 it accumulates the weight gradient in bf16. Here the forward is one fused kernel that also returns the
-    per-row ``rstd``, and the backward is, with ``gw = grad * weight``:
-        grad_x = gw * rstd - x * rstd^3 * mean(gw * x)        grad_weight = sum_rows(grad * x * rstd) (in fp32)
+    ``F.rms_norm``'s CPU autograd decomposes into pow/mean/rsqrt/mul, differentiates each, and for bf16 input
+    accumulates the weight gradient in bf16. Here every reduction accumulates in fp32 and the elementwise passes
+    stay in the input's dtype: fp32 input runs torch's fused kernel; bf16/fp16 input (QK-norm under autocast)
+    computes rstd in fp32 without materialising an fp32 copy of x (the fused CPU kernel makes one, and casts back).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        # The weight is cast to x's dtype: under bf16 autocast the fused kernel needs both to match.
-        out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight.to(x.dtype), eps)
+        w = weight.to(x.dtype)
+        if x.element_size() >= 4:
+            out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], w, eps)
+        else:
+            rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+            rstd = rstd.pow_(2).div_(x.shape[-1]).add_(eps).rsqrt_()
+            out = (x * rstd.to(x.dtype)).mul_(w)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
@@ -169,13 +175,13 @@ class RMSNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        acc = torch.promote_types(x.dtype, torch.float32)  # reductions in at least fp32
+        scale = rstd.to(x.dtype)
         gw = grad * weight.to(grad.dtype)
-        coef = torch.linalg.vecdot(gw, x).unsqueeze(-1).to(acc).mul_(rstd.pow(3)).div_(-x.shape[-1])
-        grad_x = torch.addcmul(gw * rstd, x, coef).to(x.dtype)
+        coef = torch.linalg.vecdot(gw, x).unsqueeze(-1).to(rstd.dtype).mul_(rstd.pow(3)).div_(-x.shape[-1])
+        grad_x = torch.addcmul(gw.mul_(scale), x, coef.to(x.dtype))
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad * (x * rstd)).reshape(-1, x.shape[-1]).sum(0, dtype=acc).to(weight.dtype)
+            grad_weight = (grad * x).mul_(scale).reshape(-1, x.shape[-1]).sum(0, dtype=rstd.dtype).to(weight.dtype)
         return grad_x, grad_weight, None
 
 
@@ -357,8 +363,8 @@ class SwiGLUFunction(torch.autograd.Function):
         gate, up = gate_up.chunk(2, dim=-1)
         grad_gate_up = torch.empty_like(gate_up)
         grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
-        torch.mul(grad, F.silu(gate), out=grad_up)
         torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        grad_up.copy_(F.silu(gate).mul_(grad))  # a strided copy is cheaper than a strided-output multiply on CPU
         return grad_gate_up
 
 
