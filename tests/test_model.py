@@ -232,3 +232,23 @@ def test_trl_fused_lm_head_log_probs_equal_model_log_probs():
     mask = labels[:, 1:] != -100
     assert fused.shape == expected.shape
     assert max_diff(fused[mask], expected[mask]) <= 1e-5
+
+
+def test_packed_backend_under_bf16_autocast_keeps_documents_apart_and_tracks_fp32():
+    """Under bf16 autocast on CPU, short buckets run SDPA in fp32 (autocast off) and return bf16: the packed row must
+    still equal each document alone, and stay within bf16 error of the fp32 model, with gradients flowing."""
+    model = tiny_model().train()
+    docs, ids, pos = packed_row([7, 23, 4, 30, 300])  # widths 8, 32, 4 and 512 take both sides of the fp32 cut-off
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, position_ids=pos, labels=ids)
+        out.loss.backward()
+        with torch.no_grad():
+            start = 0
+            for doc in docs:
+                alone = model(doc[None]).logits[0].float()
+                assert max_diff(out.logits[0, start:start + len(doc)].float(), alone) <= 1e-2
+                start += len(doc)
+    with torch.no_grad():
+        reference = model(ids, position_ids=pos).logits
+    assert max_diff(out.logits.float(), reference) <= 0.1
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
