@@ -6,7 +6,8 @@ One process, four measurements:
 
 1. Dense rows: tokens/s of a full training step (forward, loss, backward, AdamW step) for Quill and Llama at two
    sizes. Same hidden/intermediate size, layers, heads, kv heads, vocab, tied embeddings, no biases. What differs is
-   the implementation, plus Quill's QK-norm (on by default and kept on here: it is extra work for Quill).
+   the implementation (fused projections, the fused LM head + loss, RoPE/RMSNorm/SwiGLU with hand-written backwards),
+   plus Quill's QK-norm (on by default and kept on here: it is extra work for Quill).
 2. Packed rows: 8 documents of mixed length per row, restarting position_ids, no attention_mask, use_cache=False.
    Quill runs its default ``quill_sdpa`` backend; Llama runs sdpa with the block-diagonal mask transformers builds.
 3. Model FLOP/s as a fraction of the matmul peak measured in this run, in the same precision.
@@ -506,7 +507,8 @@ def main() -> None:
             "packed_doc_lengths": rows,
             "packed_isolation_max_abs_logit_delta": isolation,
             "differences": "Quill: QK-norm (default, on), fused qkv/gate_up, quill_sdpa backend, fused LM head + "
-            "loss; Llama: sdpa, transformers' ForCausalLMLoss. Same sizes, tied embeddings, no biases, kv heads = heads.",
+            "loss, hand-written RoPE/RMSNorm/SwiGLU backwards; Llama: sdpa, transformers' ForCausalLMLoss. Same sizes, "
+            "tied embeddings, no biases, kv heads = heads.",
             "quick": args.quick,
             "device": device,
             "device_name": device_name,

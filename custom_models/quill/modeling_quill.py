@@ -6,6 +6,8 @@ Pre-norm blocks of RMSNorm -> attention (fused QKV, GQA, optional QK-norm, RoPE)
 handles packed rows (several documents per row, marked by restarting ``position_ids``) by running SDPA's fused
 causal kernel on each document instead of materialising an LxL block-diagonal mask. With labels, the causal-LM
 head computes the logits and transformers' causal-LM loss in one fused, chunked pass (``LinearCrossEntropy``).
+RoPE, RMSNorm and SwiGLU are small autograd functions with hand-written backwards (``Rotary``, ``RMSNormFunction``,
+``SwiGLUFunction``): the same maths in fewer passes over memory, which is what eager training is bound by.
 
 This file and ``configuration_quill.py`` are copied next to every saved checkpoint, so they must stay flat
 siblings that import each other relatively (see transformers' remote-code loader).
@@ -204,7 +206,7 @@ class QuillRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.is_cuda:  # CUDA has fused forward and backward kernels for F.rms_norm
+        if hidden_states.device.type != "cpu":  # CUDA has fused forward and backward kernels for F.rms_norm
             return F.rms_norm(hidden_states, self.weight.shape, self.weight.to(hidden_states.dtype), self.eps)
         return RMSNormFunction.apply(hidden_states, self.weight, self.eps)
 
