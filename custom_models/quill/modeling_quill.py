@@ -176,7 +176,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         w = weight.to(x.dtype)
-        if x.element_size() >= 4:
+        if x.element_size() >= 4 and hasattr(torch.ops.aten, "_fused_rms_norm"):  # the op is new in torch 2.8
             out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], w, eps)
         else:
             rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
