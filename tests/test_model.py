@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from custom_models.quill import PACKED_ATTENTION, QuillConfig, QuillForCausalLM, QuillForSequenceClassification
-from custom_models.quill.modeling_quill import DocumentLayout
+from custom_models.quill.modeling_quill import SHORT_DOCUMENT_LEN, DocumentLayout
 
 BACKENDS = ["eager", "sdpa", PACKED_ATTENTION]
 
@@ -73,7 +73,7 @@ def test_backends_agree_on_logits_and_gradients(qk_norm):
 
 def test_backends_agree_on_packed_rows_with_gradients():
     ref = tiny_model("eager").train()
-    docs, ids, pos = packed_row([5, 17, 1, 9, 32, 3])
+    docs, ids, pos = packed_row([5, 17, 1, 9, 32, 3, 41])  # 41: attended alone, the rest in buckets
     ids, pos = ids.repeat(2, 1), pos.repeat(2, 1)
     results = {}
     for attn in BACKENDS:
@@ -90,7 +90,7 @@ def test_backends_agree_on_packed_rows_with_gradients():
 def test_document_in_packed_row_matches_document_alone_with_default_use_cache(attn):
     model = tiny_model(attn)
     assert model.config.use_cache  # the default: transformers alone would leak across documents here
-    docs, ids, pos = packed_row([7, 23, 4, 30])
+    docs, ids, pos = packed_row([7, 23, 4, 30, 45])
     with torch.no_grad():
         packed = model(ids, position_ids=pos).logits[0]
         start = 0
@@ -104,7 +104,7 @@ def test_packed_documents_through_trl_padding_free_collator():
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     model = tiny_model(PACKED_ATTENTION)
-    docs, _, _ = packed_row([11, 6, 19])
+    docs, _, _ = packed_row([11, 6, 37, 19])
     batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
         [{"input_ids": d.tolist()} for d in docs]
     )
@@ -117,15 +117,22 @@ def test_packed_documents_through_trl_padding_free_collator():
             start += len(doc)
 
 
-def test_document_layout_buckets_cover_every_token_once():
-    _, ids, pos = packed_row([1, 2, 3, 64, 65, 7])
+def test_document_layout_covers_every_token_once():
+    lengths = [1, 2, 3, 64, 65, 7, SHORT_DOCUMENT_LEN, SHORT_DOCUMENT_LEN + 1]
+    _, ids, pos = packed_row(lengths)
     layout = DocumentLayout.from_position_ids(pos, batch=1)
-    real = torch.cat([g.flatten() for g in layout.gather])
-    real = real[real < ids.numel()]
-    assert sorted(real.tolist()) == list(range(ids.numel()))
-    # Buckets hold lengths within a factor of two, so padding work is bounded.
-    for g in layout.gather:
-        assert g.shape[1] <= 2 * max(1, (g < ids.numel()).sum(1).min().item())
+    assert layout.lengths == lengths
+    assert [lengths[i] for i in layout.alone] == [64, 65, SHORT_DOCUMENT_LEN + 1]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    covered = [t for i in layout.alone for t in range(starts[i], starts[i] + lengths[i])]
+    for doc_ids, gather, keep in layout.buckets:
+        real = gather.flatten()[keep]
+        assert real.tolist() == [t for i in doc_ids for t in range(starts[i], starts[i] + lengths[i])]
+        covered += real.tolist()
+        # Buckets hold short lengths within a factor of two, so padding work is bounded.
+        widths = [lengths[i] for i in doc_ids]
+        assert max(widths) == gather.shape[1] <= SHORT_DOCUMENT_LEN and gather.shape[1] <= 2 * min(widths)
+    assert sorted(covered) == list(range(ids.numel()))
     assert DocumentLayout.from_position_ids(torch.arange(10)[None], batch=3) is None
 
 
@@ -235,10 +242,11 @@ def test_trl_fused_lm_head_log_probs_equal_model_log_probs():
 
 
 def test_packed_backend_under_bf16_autocast_keeps_documents_apart_and_tracks_fp32():
-    """Under bf16 autocast on CPU, short buckets run SDPA in fp32 (autocast off) and return bf16: the packed row must
-    still equal each document alone, and stay within bf16 error of the fp32 model, with gradients flowing."""
+    """Under bf16 autocast on CPU, SDPA calls up to 256 wide run in fp32 (autocast off) and return bf16: the packed row
+    must still equal each document alone, and stay within bf16 error of the fp32 model, with gradients flowing."""
     model = tiny_model().train()
-    docs, ids, pos = packed_row([7, 23, 4, 30, 300])  # widths 8, 32, 4 and 512 take both sides of the fp32 cut-off
+    # 7, 23, 4, 30 share padded buckets (in fp32); 40 runs alone in fp32, 300 alone in bf16.
+    docs, ids, pos = packed_row([7, 23, 4, 30, 40, 300])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(ids, position_ids=pos, labels=ids)
         out.loss.backward()

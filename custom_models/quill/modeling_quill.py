@@ -42,7 +42,11 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_quill import QuillConfig
 
 PACKED_ATTENTION = "quill_sdpa"
-# Packed-row buckets up to this width run SDPA in fp32 on CPU when q/k/v are bf16/fp16 (see the backend).
+# Packed documents up to this length share padded SDPA calls (one call per bucket of similar lengths); longer ones
+# get a call each on a view of the row, with no padding and no gather. Many tiny calls cost more than a little
+# padding; long documents are better off alone (measured on CPU: ~35% less attention time for mixed rows).
+SHORT_DOCUMENT_LEN = 32
+# SDPA calls up to this width run in fp32 on CPU when q/k/v are bf16/fp16 (see ``attend_documents``).
 CPU_FP32_SDPA_MAX_LEN = 256
 
 
@@ -55,43 +59,59 @@ CPU_FP32_SDPA_MAX_LEN = 256
 class DocumentLayout:
     """Where the documents of a packed batch sit, computed once per forward and shared by every layer.
 
-    Documents are grouped into buckets of similar length (lengths in (C/2, C]); each bucket becomes one dense
-    ``(docs, heads, C, head_dim)`` SDPA call with ``is_causal=True``. Shorter documents are right-padded inside
-    their bucket, which is exact: under a causal mask a real token never looks at the padding after it. The cost
-    is therefore ~sum of squared document lengths (at most 4x that), never the squared row length.
+    Tokens are addressed in the flattened ``(batch * seq)`` order, where every document is a contiguous run.
+    A document longer than ``SHORT_DOCUMENT_LEN`` is attended alone, on a view of its run. Short documents are
+    grouped into buckets of similar length (lengths in (C/2, C]) and gathered into one right-padded
+    ``(docs, C)`` SDPA call per bucket. The padding is exact: under a causal mask a real token never looks at the
+    padding after it, and the padded outputs are dropped, so no gradient flows back through them. Cost therefore
+    grows with the sum of squared document lengths, never the squared row length.
     """
 
-    gather: list[torch.Tensor]  # per bucket: (docs, C) indices into the flattened (batch*seq + 1) tokens
-    scatter: torch.Tensor  # (batch*seq,) index of each token in the concatenated bucket outputs
+    lengths: list[int]  # every document's length, in token order
+    alone: list[int]  # documents attended one per SDPA call
+    buckets: list[tuple[list[int], torch.Tensor, torch.Tensor]]  # short docs: (doc ids, gather (docs, C), keep)
 
     @classmethod
     def from_position_ids(cls, position_ids: torch.Tensor, batch: int) -> "DocumentLayout | None":
         """None when every row holds exactly one document (then plain causal SDPA is already exact)."""
         pos = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
-        seq_len = pos.shape[1]
         # A document starts wherever the position does not continue the previous one (transformers' own rule).
         starts = torch.ones_like(pos, dtype=torch.bool)
         starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
         doc_starts = starts.flatten().nonzero().squeeze(1)
         if doc_starts.numel() == batch:
             return None
-        total = batch * seq_len
-        lengths = torch.diff(doc_starts, append=doc_starts.new_tensor([total]))
-        bucket_of_doc = torch.ceil(torch.log2(lengths.float())).long()
-        gather, pieces, offset = [], [], 0
-        scatter = torch.empty(total + 1, dtype=torch.long, device=pos.device)
+        lengths = torch.diff(doc_starts, append=doc_starts.new_tensor([pos.numel()]))
+        short = (lengths <= SHORT_DOCUMENT_LEN).nonzero().squeeze(1)
+        bucket_of_doc = torch.ceil(torch.log2(lengths[short].float())).long()
+        buckets = []
         for bucket in bucket_of_doc.unique().tolist():
-            picked = (bucket_of_doc == bucket).nonzero().squeeze(1)
+            picked = short[bucket_of_doc == bucket]
             starts_b, lengths_b = doc_starts[picked], lengths[picked]
-            width = int(lengths_b.max())
-            cols = torch.arange(width, device=pos.device)
+            cols = torch.arange(int(lengths_b.max()), device=pos.device)
             valid = cols[None, :] < lengths_b[:, None]
-            index = torch.where(valid, starts_b[:, None] + cols[None, :], total)  # padding reads a zero row
-            slots = offset + torch.arange(index.numel(), device=pos.device).view_as(index)
-            scatter[index[valid]] = slots[valid]
-            gather.append(index)
-            offset += index.numel()
-        return cls(gather=gather, scatter=scatter[:total])
+            gather = torch.where(valid, starts_b[:, None] + cols[None, :], 0)  # padding reads token 0, unused
+            buckets.append((picked.tolist(), gather, valid.flatten().nonzero().squeeze(1)))
+        alone = (lengths > SHORT_DOCUMENT_LEN).nonzero().squeeze(1).tolist()
+        return cls(lengths=lengths.tolist(), alone=alone, buckets=buckets)
+
+
+def attend_documents(module: nn.Module, q, k, v, dropout: float, scaling: float | None) -> torch.Tensor:
+    """Causal SDPA over ``(docs, width, heads, head_dim)`` inputs, returned in the same layout."""
+    dtype, width = q.dtype, q.shape[1]
+    # CPU's flash kernel is 2-3x slower in bf16 than in fp32 on short sequences (measured fwd+bwd on a 2-core
+    # AVX512-BF16 EPYC: 64 docs x 32 tokens 14.1 vs 5.6 ms, 16 x 128 17.1 vs 9.0 ms; equal at 256, and bf16 is
+    # faster from 512 on), so short low-precision calls run in fp32 (more precise too) with autocast off.
+    upcast = q.device.type == "cpu" and q.element_size() < 4 and width <= CPU_FP32_SDPA_MAX_LEN
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(
+            *(t.transpose(1, 2).float() if upcast else t.transpose(1, 2) for t in (q, k, v)),
+            dropout_p=dropout if module.training else 0.0,
+            scale=scaling,
+            is_causal=True,
+            enable_gqa=k.shape[2] != q.shape[2],
+        )
+    return out.transpose(1, 2).to(dtype)
 
 
 def packed_sdpa_attention_forward(
@@ -118,31 +138,21 @@ def packed_sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
 
-    def tokens(x: torch.Tensor) -> torch.Tensor:  # (B, H, L, D) -> (B*L + 1, H, D) with a trailing zero row
-        flat = x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
-        return torch.cat([flat, flat.new_zeros(1, x.shape[1], x.shape[3])])
-
-    q_tok, k_tok, v_tok = tokens(query), tokens(key), tokens(value)
-    gqa = key.shape[1] != heads
-    outputs = []
-    for index in document_layout.gather:
-        docs, width = index.shape
-        q, k, v = (t[index].transpose(1, 2) for t in (q_tok, k_tok, v_tok))  # (docs, H, width, D)
-        # CPU's flash kernel is 2-3x slower in bf16 than in fp32 on short sequences (measured fwd+bwd on a 2-core
-        # AVX512-BF16 EPYC: 64 docs x 32 tokens 14.1 vs 5.6 ms, 16 x 128 17.1 vs 9.0 ms; equal at 256 and up), so
-        # short low-precision buckets run in fp32 (more precise too) with autocast off, and come back in q's dtype.
-        upcast = q.device.type == "cpu" and q.element_size() < 4 and width <= CPU_FP32_SDPA_MAX_LEN
-        with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(
-                *((t.float() for t in (q, k, v)) if upcast else (q, k, v)),
-                dropout_p=dropout if module.training else 0.0,
-                scale=scaling,
-                is_causal=True,
-                enable_gqa=gqa,
-            ).to(q.dtype)
-        outputs.append(out.transpose(1, 2).reshape(docs * width, heads, head_dim))
-    attn_output = torch.cat(outputs)[document_layout.scatter]
-    return attn_output.view(batch, q_len, heads, head_dim), None
+    layout = document_layout
+    # (B, H, L, D) -> (B*L, H, D): a view for Quill's own q/k/v, which are laid out (B, L, H, D) underneath.
+    q_tok, k_tok, v_tok = (t.transpose(1, 2).reshape(-1, t.shape[1], head_dim) for t in (query, key, value))
+    pieces: list[torch.Tensor | None] = [None] * len(layout.lengths)
+    if layout.alone:
+        docs = [t.split(layout.lengths) for t in (q_tok, k_tok, v_tok)]
+        for i in layout.alone:
+            pieces[i] = attend_documents(module, *(d[i][None] for d in docs), dropout, scaling)[0]
+    for doc_ids, gather, keep in layout.buckets:
+        index = gather.flatten()
+        q, k, v = (t.index_select(0, index).view(*gather.shape, *t.shape[1:]) for t in (q_tok, k_tok, v_tok))
+        out = attend_documents(module, q, k, v, dropout, scaling).reshape(-1, heads, head_dim).index_select(0, keep)
+        for i, piece in zip(doc_ids, out.split([layout.lengths[i] for i in doc_ids])):
+            pieces[i] = piece
+    return torch.cat(pieces).view(batch, q_len, heads, head_dim), None
 
 
 def packed_sdpa_mask(*args, attention_mask=None, q_length=None, kv_length=None, kv_offset=0, **kwargs):
