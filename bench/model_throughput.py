@@ -1,6 +1,6 @@
 """Training throughput of Quill against transformers' LlamaForCausalLM of the same dimensions.
 
-    python bench/model_throughput.py [--quick] [--out bench/results]
+    python bench/model_throughput.py [--quick] [--system-malloc] [--out bench/results]
 
 One process, four measurements:
 
@@ -12,6 +12,10 @@ One process, four measurements:
    Quill runs its default ``quill_sdpa`` backend; Llama runs sdpa with the block-diagonal mask transformers builds.
 3. Model FLOP/s as a fraction of the matmul peak measured in this run, in the same precision.
 4. On CUDA only: a ~124M model at seq 1024, MFU against the GPU's dense bf16 peak and the Llama ratio there.
+
+On CPU both models run with glibc's malloc keeping freed memory for the next step, as Quill's training stages do
+(``pipelines/allocator.py``); ``--system-malloc`` measures the stock allocator instead, under which every step
+page-faults its large tensors back in and Llama (fp32 logits) loses far more than Quill.
 
 CPU time is shared and noisy, so every number that is compared is measured interleaved: after warm-up the two
 models alternate repetitions (A B, B A, A B, ...) and the reported step time is the median of the repetitions.
@@ -47,6 +51,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from custom_models.quill import QuillConfig, QuillForCausalLM  # noqa: E402
+from pipelines.allocator import keep_freed_memory  # noqa: E402
 
 TARGETS = {"dense_ratio": 1.2, "packed_ratio": 2.0, "matmul_peak_fraction": 0.5}
 
@@ -428,6 +433,9 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions per comparison")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="on CPU, leave glibc's malloc as it is instead of keeping freed memory for reuse the way "
+                        "Quill's training stages do (pipelines/allocator.py); both models get the same either way")
     args = parser.parse_args()
     # One step per repetition: alternating at the finest grain is what best cancels a neighbour's bursts.
     args.warmup, args.reps, args.steps_per_rep = (2, args.reps or 4, 1) if args.quick else (3, args.reps or 15, 1)
@@ -435,9 +443,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     device, dtype = pick_device_and_dtype(args.cpu)
+    # The best setting for both models: without it every step page-faults its large tensors back in (~10 ms per
+    # 32 MB here), which costs Llama, with its fp32 (tokens, vocab) logits, far more than Quill.
+    allocator = "system malloc"
+    if device == "cpu" and not args.system_malloc and keep_freed_memory():
+        allocator = "glibc malloc keeping freed memory (pipelines/allocator.py)"
     dtype_name = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "float32"
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()} ({torch.get_num_threads()} threads)"
     print(f"device: {device_name}; precision: {dtype_name}; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"allocator: {allocator}")
     print(f"interleaved: warm-up {args.warmup}, {args.reps} repetitions x {args.steps_per_rep} step per model, medians\n")
 
     # 1024-2048 is where this CPU peaks; a 4096 fp32 operand pair (128 MiB) left the 2-core box slow for the model
@@ -514,6 +528,7 @@ def main() -> None:
             "device_name": device_name,
             "threads": torch.get_num_threads(),
             "dtype": dtype_name,
+            "allocator": allocator,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": platform.python_version(),
