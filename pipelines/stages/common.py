@@ -77,8 +77,8 @@ def start_stage(name, data_args, model_args, args, run, task: str = "causal-lm")
     args.logging_nan_inf_filter = False  # a NaN must be seen, not averaged away
     args.include_num_input_tokens_seen = "all"  # tokens seen and throughput go into the report card
     set_seed(args.seed)
-    if (args.use_cpu or not torch.cuda.is_available()) and keep_freed_memory():
-        log(f"{name}: training on CPU; malloc keeps freed memory for the next step (see pipelines/allocator.py)")
+    if args.use_cpu or not torch.cuda.is_available():
+        keep_freed_memory()  # each step reuses the last one's pages (pipelines/allocator.py); no log: stderr is for errors
     tokenizer_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if not tokenizer_path:
         raise QuillError(f"{name}: no tokenizer given", fix="set tokenizer_name_or_path (or model_name_or_path)")
