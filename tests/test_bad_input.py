@@ -53,6 +53,18 @@ def _msgs(*pairs):
     return {"messages": [{"role": r, "content": c} for r, c in pairs]}
 
 
+def _pretrain_on(c, data: str) -> list[str]:
+    """The tiny pretraining command, reading `data` as its only dataset."""
+    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.out}",
+            f"tokenizer_name_or_path={c.tok}", TINY_MODEL, f"dataset_mixture=[{{path: {data}}}]", *PRETRAIN_SMALL]
+
+
+def _tune_on(c, stage: str, data: str) -> list[str]:
+    """The tiny `stage` (sft or dpo) command on the pretrained model, reading `data` as its only dataset."""
+    return [stage, "--config", f"recipes/tiny/{stage}.yaml", f"output_dir={c.out}", f"model_name_or_path={c.pre}",
+            f"dataset_mixture=[{{path: {data}}}]", *SFT_SMALL]
+
+
 def case_yaml_syntax(c):
     (c.tmp / "bad.yaml").write_text("learning_rate: 1e-3\nmax_steps: [1, 2\nseed: 0\n")
     return ["pretrain", "--config", str(c.tmp / "bad.yaml"), f"output_dir={c.out}"], ["invalid YAML"]
@@ -85,64 +97,50 @@ def case_nothing_to_train(c):
 
 
 def case_dataset_not_found(c):
-    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.out}",
-            f"tokenizer_name_or_path={c.tok}", TINY_MODEL, f"dataset_mixture=[{{path: {c.tmp}/nope.jsonl}}]",
-            *PRETRAIN_SMALL], ["nope.jsonl"]
+    return _pretrain_on(c, f"{c.tmp}/nope.jsonl"), ["nope.jsonl"]
 
 
 def case_missing_column(c):
     f = _jsonl(c.tmp / "d.jsonl", [{"body": "some text"}, {"body": "more text"}])
-    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.out}",
-            f"tokenizer_name_or_path={c.tok}", TINY_MODEL, f"dataset_mixture=[{{path: {f}}}]", *PRETRAIN_SMALL], \
-        ["expected columns text", "body"]
+    return _pretrain_on(c, f), ["expected columns text", "body"]
 
 
 def case_misnamed_column(c):
     f = _jsonl(c.tmp / "d.jsonl", [{"conversations": [{"role": "user", "content": "hi"},
                                                         {"role": "assistant", "content": "hello"}]}])
-    return ["sft", "--config", "recipes/tiny/sft.yaml", f"output_dir={c.out}", f"model_name_or_path={c.pre}",
-            f"dataset_mixture=[{{path: {f}}}]", *SFT_SMALL], ["conversations: messages"]
+    return _tune_on(c, "sft", f), ["conversations: messages"]
 
 
 def case_empty_dataset(c):
     (c.tmp / "empty.jsonl").write_text("")
-    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.out}",
-            f"tokenizer_name_or_path={c.tok}", TINY_MODEL, f"dataset_mixture=[{{path: {c.tmp}/empty.jsonl}}]",
-            *PRETRAIN_SMALL], ["empty"]
+    return _pretrain_on(c, f"{c.tmp}/empty.jsonl"), ["empty"]
 
 
 def case_empty_text_rows(c):
     f = _jsonl(c.tmp / "d.jsonl", [{"text": "fine"}, {"text": "   "}])
-    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.out}",
-            f"tokenizer_name_or_path={c.tok}", TINY_MODEL, f"dataset_mixture=[{{path: {f}}}]", *PRETRAIN_SMALL], \
-        ["row 1", "text"]
+    return _pretrain_on(c, f), ["row 1", "text"]
 
 
 def case_non_utf8(c):
     (c.tmp / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1"))
-    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.out}",
-            f"tokenizer_name_or_path={c.tok}", TINY_MODEL, f"dataset_mixture=[{{path: {c.tmp}/latin1.txt}}]",
-            *PRETRAIN_SMALL], ["UTF-8"]
+    return _pretrain_on(c, f"{c.tmp}/latin1.txt"), ["UTF-8"]
 
 
 def case_unknown_role(c):
     f = _jsonl(c.tmp / "d.jsonl", [_msgs(("user", "hi"), ("assistant", "hello")),
                                    _msgs(("user", "hi"), ("bot", "hello"))])
-    return ["sft", "--config", "recipes/tiny/sft.yaml", f"output_dir={c.out}", f"model_name_or_path={c.pre}",
-            f"dataset_mixture=[{{path: {f}}}]", *SFT_SMALL], ["row 1", "'bot'"]
+    return _tune_on(c, "sft", f), ["row 1", "'bot'"]
 
 
 def case_no_assistant_turn(c):
     f = _jsonl(c.tmp / "d.jsonl", [_msgs(("system", "be nice"), ("user", "hi"))])
-    return ["sft", "--config", "recipes/tiny/sft.yaml", f"output_dir={c.out}", f"model_name_or_path={c.pre}",
-            f"dataset_mixture=[{{path: {f}}}]", *SFT_SMALL], ["row 0", "assistant"]
+    return _tune_on(c, "sft", f), ["row 0", "assistant"]
 
 
 def case_chosen_equals_rejected(c):
     f = _jsonl(c.tmp / "d.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5"},
                                    {"prompt": "3+3?", "chosen": "6", "rejected": "6"}])
-    return ["dpo", "--config", "recipes/tiny/dpo.yaml", f"output_dir={c.out}", f"model_name_or_path={c.pre}",
-            f"dataset_mixture=[{{path: {f}}}]", *SFT_SMALL], ["row 1", "rejected"]
+    return _tune_on(c, "dpo", f), ["row 1", "rejected"]
 
 
 def case_vocab_mismatch(c):
