@@ -350,7 +350,8 @@ def interleaved(steps: dict, device: str, warmup: int, reps: int, steps_per_rep:
     return {"times": times, "probe_flops": probes}
 
 
-def run_pair(label: str, size: Size, batch: dict, context: float, device: str, dtype, args, peak, models) -> dict:
+def run_comparison(label: str, size: Size, batch: dict, context: float, device: str, dtype, args, peak,
+                   models: dict[str, torch.nn.Module]) -> dict:
     steps = {name: make_step(m, batch, device, dtype) for name, m in models.items()}
     a, b, ctx = matmul_operands(device, dtype, peak["size"], peak["how"])
     probe = lambda: time_matmul(a, b, ctx, device, seconds=0.1)  # noqa: E731
@@ -419,9 +420,10 @@ def save_chart(summary: dict, path: Path) -> bool:
         key = f"{name}_tokens_per_s"
         xs = [i for i, run in enumerate(runs.values()) if key in run]
         ys = [run[key] / run["llama_tokens_per_s"] for run in runs.values() if key in run]
-        ax1.bar([i + (k - (len(bars) - 1) / 2) * width for i in xs], ys, width, label=legend, **style)
+        offset = (k - (len(bars) - 1) / 2) * width
+        ax1.bar([i + offset for i in xs], ys, width, label=legend, **style)
         for x, y in zip(xs, ys):
-            ax1.text(x + (k - (len(bars) - 1) / 2) * width, y + 0.02, f"{y:.2f}", ha="center", fontsize=6)
+            ax1.text(x + offset, y + 0.02, f"{y:.2f}", ha="center", fontsize=6)
     ax1.axhline(1.0, color="gray", linewidth=0.8)
     ax1.set_ylim(0, max(r["quill_no_attention_tokens_per_s"] / r["llama_tokens_per_s"] for r in runs.values()) * 1.3)
     ax1.set_xticks(range(len(runs)), list(runs), fontsize=8)
@@ -486,7 +488,8 @@ def gpu_section(args) -> dict:
     size = GPU_124M
     measured = matmul_peak("cuda", dtype, [4096, 8192], repeats=3)
     models = build_models(size, "cuda")
-    r = run_pair("gpu 124M seq1024", size, dense_batch(size, "cuda"), size.seq, "cuda", dtype, args, measured, models)
+    batch = dense_batch(size, "cuda")
+    r = run_comparison("gpu 124M seq1024", size, batch, size.seq, "cuda", dtype, args, measured, models)
     out = {
         "gpu": name,
         "gpu_bf16_peak_tflops_datasheet": datasheet,
@@ -545,7 +548,8 @@ def main() -> None:
     for size in sizes:
         label = f"dense {size.name} s{size.seq}"
         models = build_models(size, device, references=REFERENCES)
-        results.append(run_pair(label, size, dense_batch(size, device), size.seq, device, dtype, args, peak, models))
+        batch = dense_batch(size, device)
+        results.append(run_comparison(label, size, batch, size.seq, device, dtype, args, peak, models))
         print(f"  {label}: ratio {results[-1]['ratio']:.2f}", flush=True)
 
     # Llama's packed baseline is sdpa by definition (transformers' packed-mask path); only the ceiling is added.
@@ -554,7 +558,7 @@ def main() -> None:
     isolation = check_packed_isolation(models, batch, rows)
     context = sum(n * n for lengths in rows for n in lengths) / (PACKED.seq * PACKED.batch)
     label = f"packed {PACKED.name.removesuffix('-packed')} s{PACKED.seq}"
-    results.append(run_pair(label, PACKED, batch, context, device, dtype, args, peak, models))
+    results.append(run_comparison(label, PACKED, batch, context, device, dtype, args, peak, models))
     print(f"  {label}: ratio {results[-1]['ratio']:.2f}\n", flush=True)
 
     # Peak again at the end (best of both): a quiet moment anywhere in the run sets the bar.
