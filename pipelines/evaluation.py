@@ -389,7 +389,6 @@ def model_kind(path: str, trust_remote_code: bool = False) -> str:
 
 def stage_info(path: str) -> tuple[str | None, str | None]:
     """(stage, base model) of a Quill stage folder: the completion marker, else the model card's front matter."""
-
     folder = Path(path)
     stage = read_json(folder / MARKER).get("stage")
     try:
