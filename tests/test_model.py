@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from custom_models.quill import PACKED_ATTENTION, QuillConfig, QuillForCausalLM, QuillForSequenceClassification
-from custom_models.quill.modeling_quill import SHORT_DOCUMENT_LEN, DocumentLayout
+from custom_models.quill.kernels_quill import SHORT_DOCUMENT_LEN, DocumentLayout
 
 BACKENDS = ["eager", "sdpa", PACKED_ATTENTION]
 
@@ -151,6 +151,26 @@ def test_greedy_generation_with_and_without_cache_and_left_padding(attn):
     mask = (torch.arange(14)[None] >= torch.tensor([[5], [0]])).long()
     batched = model.generate(ids, attention_mask=mask, **kwargs)
     assert torch.equal(batched[0, 14:], with_cache[0, 9:])
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_cached_decode_logits_equal_uncached_logits_at_every_step(attn):
+    """generate() hands the KV cache to forward under the installed transformers' name (`cache=` from 5.24 on,
+    `past_key_values=` before). A model that misses it decodes each step without context. The model is sharp
+    (large weights), so such a miss changes the tokens, not just the logits."""
+    model = tiny_model(attn, initializer_range=0.5)
+    prompt = torch.randint(3, 101, (2, 9))
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
+                  return_dict_in_generate=True)
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for step, (a, b) in enumerate(zip(cached.logits, uncached.logits, strict=True)):
+        assert max_diff(a, b) <= 1e-4, f"step {step}"
+    # Sharp enough to matter: the first decode step without its context picks other tokens.
+    with torch.no_grad():
+        alone = model(cached.sequences[:, 9:10]).logits[:, -1]
+    assert not torch.equal(alone.argmax(-1), cached.logits[1].argmax(-1))
 
 
 def test_gradient_checkpointing_gives_same_gradients():

@@ -42,11 +42,8 @@ class QuillConfig(PreTrainedConfig):
     """
 
     model_type = "quill"
-    keys_to_ignore_at_inference = ["past_key_values"]
-    base_model_tp_plan = {
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.down_proj": "rowwise",
-    }
+    # The KV cache in model outputs, under its name before and after transformers 5.24 (see modeling_quill.py).
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     depth: int | None = None
     vocab_size: int = 8192
