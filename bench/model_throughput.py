@@ -19,7 +19,7 @@ so the ratio of each model's faster backend is reported too), and Quill with its
 no-op, whose throughput no attention kernel can beat (the "ceiling" for every ratio and for the FLOP/s fraction).
 
 On CPU both models run with glibc's malloc keeping freed memory for the next step, as Quill's training stages do
-(``pipelines/allocator.py``); ``--system-malloc`` measures the stock allocator instead, under which every step
+(``quill/allocator.py``); ``--system-malloc`` measures the stock allocator instead, under which every step
 page-faults its large tensors back in and Llama (fp32 logits) loses far more than Quill.
 
 CPU time is shared and noisy, so every number that is compared is measured interleaved: after warm-up the two
@@ -56,8 +56,8 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from custom_models.quill import QuillConfig, QuillForCausalLM  # noqa: E402
-from pipelines.allocator import keep_freed_memory  # noqa: E402
+from quill.model import QuillConfig, QuillForCausalLM  # noqa: E402
+from quill.allocator import keep_freed_memory  # noqa: E402
 
 TARGETS = {"dense_ratio": 1.2, "packed_ratio": 2.0, "matmul_peak_fraction": 0.5}
 
@@ -519,7 +519,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions per comparison")
     parser.add_argument("--system-malloc", action="store_true",
                         help="on CPU, leave glibc's malloc as it is instead of keeping freed memory for reuse the way "
-                        "Quill's training stages do (pipelines/allocator.py); both models get the same either way")
+                        "Quill's training stages do (quill/allocator.py); both models get the same either way")
     args = parser.parse_args()
     # One step per repetition: alternating at the finest grain is what best cancels a neighbour's bursts.
     args.warmup, args.reps, args.steps_per_rep = (2, args.reps or 4, 1) if args.quick else (3, args.reps or 15, 1)
@@ -531,7 +531,7 @@ def main() -> None:
     # 32 MB here), which costs Llama, with its fp32 (tokens, vocab) logits, far more than Quill.
     allocator = "system malloc"
     if device == "cpu" and not args.system_malloc and keep_freed_memory():
-        allocator = "glibc malloc keeping freed memory (pipelines/allocator.py)"
+        allocator = "glibc malloc keeping freed memory (quill/allocator.py)"
     dtype_name = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "float32"
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()} ({torch.get_num_threads()} threads)"
     print(f"device: {device_name}; precision: {dtype_name}; torch {torch.__version__}, transformers {transformers.__version__}")

@@ -1,4 +1,4 @@
-"""pipelines.allocator: with it, a freed large block is reused without the kernel faulting its pages in again."""
+"""quill.allocator: with it, a freed large block is reused without the kernel faulting its pages in again."""
 
 import platform
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 # minor page faults of each round. ctypes only: torch's worker threads would blur the count.
 ROUNDS = textwrap.dedent("""
     import ctypes, resource, sys
-    from pipelines.allocator import keep_freed_memory
+    from quill.allocator import keep_freed_memory
     if sys.argv[1] == "keep":
         assert keep_freed_memory()
     libc = ctypes.CDLL("libc.so.6")

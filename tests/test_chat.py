@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_evaluation import make_checkpoint  # tests/ is on sys.path (conftest.py)
 
-from custom_models.quill import QuillForCausalLM
-from pipelines import chat
-from pipelines.data.tokenizer import END
-from pipelines.models import load_tokenizer
+from quill.model import QuillForCausalLM
+from quill import chat
+from quill.data.tokenizer import END
+from quill.models import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ class Terminal:
 
 
 def test_chat_in_a_terminal_answers_two_turns_and_exits_on_ctrl_d(ckpt):
-    term = Terminal([sys.executable, "-m", "pipelines.cli", "chat", str(ckpt), "--max-new-tokens", "5",
+    term = Terminal([sys.executable, "-m", "quill.cli", "chat", str(ckpt), "--max-new-tokens", "5",
                      "--system", "Answer briefly."])
     try:
         term.expect(chat.PROMPT.encode())

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import run_guarded
-from pipelines.errors import QuillError
+from quill.cli import run_guarded
+from quill.errors import QuillError
 
 QUILL = shutil.which("quill")
 needs_quill = pytest.mark.skipif(QUILL is None, reason="the quill console script is not installed (pip install -e .)")
@@ -21,9 +21,9 @@ FAKE_STAGE = """
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.cli import run_guarded
-from pipelines.config import RunArguments, parse_stage_args
-from pipelines.recipe import mark_stage_done
+from quill.cli import run_guarded
+from quill.config import RunArguments, parse_stage_args
+from quill.recipe import mark_stage_done
 
 
 @dataclass

@@ -15,8 +15,8 @@ import pytest
 import transformers
 import trl
 
-from pipelines import recipe as recipe_mod
-from pipelines.config import (
+from quill import recipe as recipe_mod
+from quill.config import (
     DataArguments,
     ModelArguments,
     RunArguments,
@@ -24,8 +24,8 @@ from pipelines.config import (
     option_names,
     parse_stage_args,
 )
-from pipelines.errors import QuillError
-from pipelines.recipe import (
+from quill.errors import QuillError
+from quill.recipe import (
     is_stage_done,
     load_recipe,
     mark_stage_done,
@@ -281,9 +281,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.cli import run_guarded
-from pipelines.config import ModelArguments, RewardModelArguments, RunArguments, parse_stage_args
-from pipelines.recipe import mark_stage_done
+from quill.cli import run_guarded
+from quill.config import ModelArguments, RewardModelArguments, RunArguments, parse_stage_args
+from quill.recipe import mark_stage_done
 
 
 @dataclass
@@ -539,9 +539,9 @@ def test_marker_is_atomic_and_shared_by_runner_and_stages(tmp_path):
     (tmp_path / "torn").mkdir()
     (tmp_path / "torn" / "quill_stage.json").write_text('{"done": tr')
     assert not is_stage_done(tmp_path / "torn")
-    # One implementation: what a stage writes (pipelines.checkpoint.finish_stage) is what the runner reads.
-    import pipelines.checkpoint as checkpoint
-    import pipelines.markers as markers
+    # One implementation: what a stage writes (quill.checkpoint.finish_stage) is what the runner reads.
+    import quill.checkpoint as checkpoint
+    import quill.markers as markers
 
     assert checkpoint.mark_stage_done is markers.mark_stage_done and is_stage_done is markers.is_stage_done
 
@@ -574,7 +574,7 @@ def test_accelerate_config_loads(path):
 
     config = load_config_from_file(str(path))
     parser = launch_command_parser()
-    args = parser.parse_args(["--config_file", str(path), "-m", "pipelines.stages.sft"])
+    args = parser.parse_args(["--config_file", str(path), "-m", "quill.stages.sft"])
     args, _, _ = _validate_launch_command(args)
     assert args.num_processes == config.num_processes
     # accelerate copies nested keys onto the launch args and silently ignores unknown ones: catch typos here

@@ -4,11 +4,11 @@ import time
 
 import pytest
 
-from pipelines.data import tasks
-from pipelines.data.default_data import DEFAULT_SIZES, FILES, build_default_data
-from pipelines.data.schemas import check_schema
-from pipelines.data.sources import load_source
-from pipelines.errors import QuillError
+from quill.data import tasks
+from quill.data.default_data import DEFAULT_SIZES, FILES, build_default_data
+from quill.data.schemas import check_schema
+from quill.data.sources import load_source
+from quill.errors import QuillError
 
 def read(path) -> list[dict]:
     with open(path, encoding="utf-8") as f:

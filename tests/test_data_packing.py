@@ -5,7 +5,7 @@ import datasets
 import pytest
 import torch
 
-from pipelines.data.packing import (
+from quill.data.packing import (
     IGNORE_INDEX,
     collate_packed,
     pack_batch,
@@ -13,7 +13,7 @@ from pipelines.data.packing import (
     pack_documents,
     tokenize_batch,
 )
-from pipelines.errors import QuillError
+from quill.errors import QuillError
 
 BOS, PAD = 0, 2
 

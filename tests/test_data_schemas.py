@@ -1,8 +1,8 @@
 import datasets
 import pytest
 
-from pipelines.data.schemas import check_schema
-from pipelines.errors import QuillError
+from quill.data.schemas import check_schema
+from quill.errors import QuillError
 
 USER = {"role": "user", "content": "2 + 2 ="}
 ANSWER = {"role": "assistant", "content": "4"}

@@ -4,9 +4,9 @@ import datasets
 import huggingface_hub.constants
 import pytest
 
-from pipelines.data import sources
-from pipelines.data.sources import DataSource, load_mixture, load_source
-from pipelines.errors import QuillError
+from quill.data import sources
+from quill.data.sources import DataSource, load_mixture, load_source
+from quill.errors import QuillError
 
 ROWS = [{"text": f"document number {i}", "n": i} for i in range(40)]
 

@@ -3,7 +3,7 @@ import pytest
 from transformers import AutoTokenizer
 from trl.chat_template_utils import is_chat_template_stop_token_trained
 
-from pipelines.data.tokenizer import (
+from quill.data.tokenizer import (
     ASSISTANT,
     BOS,
     END,
@@ -14,7 +14,7 @@ from pipelines.data.tokenizer import (
     stop_token_ids,
     train_tokenizer,
 )
-from pipelines.errors import QuillError
+from quill.errors import QuillError
 
 TEXTS = [text for _, text in sorted(pydoc_data.topics.topics.items())]
 CHAT = [
@@ -110,7 +110,7 @@ def test_special_token_text_in_training_data_is_not_merged():
 
 
 def test_pretraining_task_documents_match_the_chat_template(saved):
-    from pipelines.data.default_data import chat_text
+    from quill.data.default_data import chat_text
 
     tok, _ = saved
     chat = [{"role": "user", "content": "State the final answer: 1 + 2 ="}, {"role": "assistant", "content": "3"}]

@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
-from custom_models.quill import QuillConfig, QuillForCausalLM, QuillForSequenceClassification
-from pipelines import cli, evaluation
-from pipelines.checkpoint import model_card
-from pipelines.markers import MARKER
-from pipelines.data import tasks
-from pipelines.data.tokenizer import END, train_tokenizer
-from pipelines.models import load_tokenizer
+from quill.model import QuillConfig, QuillForCausalLM, QuillForSequenceClassification
+from quill import cli, evaluation
+from quill.checkpoint import model_card
+from quill.markers import MARKER
+from quill.data import tasks
+from quill.data.tokenizer import END, train_tokenizer
+from quill.models import load_tokenizer
 
 # Held-out items with known answers, one question space per task.
 ITEMS = {

@@ -60,7 +60,7 @@ def test_diverging_loss_stops_with_one_line_error_and_keeps_last_good_checkpoint
     weights = load_file(str(last / "model.safetensors"))
     assert all(t.isfinite().all() for t in weights.values())
 
-    from pipelines.checkpoint import last_complete_checkpoint
+    from quill.checkpoint import last_complete_checkpoint
 
     assert last_complete_checkpoint(out) == str(last)
 

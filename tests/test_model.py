@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from custom_models.quill import PACKED_ATTENTION, QuillConfig, QuillForCausalLM, QuillForSequenceClassification
-from custom_models.quill.kernels_quill import SHORT_DOCUMENT_LEN, DocumentLayout
+from quill.model import PACKED_ATTENTION, QuillConfig, QuillForCausalLM, QuillForSequenceClassification
+from quill.model.kernels_quill import SHORT_DOCUMENT_LEN, DocumentLayout
 
 BACKENDS = ["eager", "sdpa", PACKED_ATTENTION]
 

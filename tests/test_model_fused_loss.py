@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from custom_models.quill import QuillConfig, QuillForCausalLM
+from quill.model import QuillConfig, QuillForCausalLM
 
 
 def model_and_batch(tied=True, seed=0):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from custom_models.quill.kernels_quill import RMSNormFunction, Rotary, SwiGLUFunction, rotate
+from quill.model.kernels_quill import RMSNormFunction, Rotary, SwiGLUFunction, rotate
 
 
 def rotate_half(x):

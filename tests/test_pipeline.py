@@ -50,7 +50,7 @@ TINY = [
 def finished_run(tmp_path_factory, hub_server_module):
     out = tmp_path_factory.mktemp("run") / "tiny"
     env = hub_server_module.env(QUILL_CACHE=str(tmp_path_factory.getbasetemp() / "quill-cache"))
-    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(REPO / "recipes" / "tiny"), "--output-dir", str(out),
+    cmd = [sys.executable, "-m", "quill.cli", "run", str(REPO / "recipes" / "tiny"), "--output-dir", str(out),
            *TINY, "rl.push_to_hub=true", "rl.hub_model_id=user/quill-tiny-rl"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -125,7 +125,7 @@ def test_pushed_model_answers_from_the_hub_in_a_fresh_process(finished_run):
 def test_rerun_skips_finished_stages(finished_run):
     out, first, hub = finished_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")}
-    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(REPO / "recipes" / "tiny"), "--output-dir", str(out),
+    cmd = [sys.executable, "-m", "quill.cli", "run", str(REPO / "recipes" / "tiny"), "--output-dir", str(out),
            *TINY, "rl.push_to_hub=true", "rl.hub_model_id=user/quill-tiny-rl"]
     env = hub.env(QUILL_CACHE=str(out.parent.parent / "quill-cache"))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.recipe import load_recipe, plan_recipe
+from quill.recipe import load_recipe, plan_recipe
 
 RECIPES = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*/recipe.yaml"))
 

@@ -7,15 +7,15 @@ import textwrap
 
 import torch
 
-from custom_models.quill import QuillConfig, QuillForCausalLM
-from pipelines.data.tokenizer import train_tokenizer
+from quill.model import QuillConfig, QuillForCausalLM
+from quill.data.tokenizer import train_tokenizer
 
 # Runs first in the child: any import of the project's packages fails, as on a machine without Quill installed.
 BLOCK_PROJECT = textwrap.dedent("""
     import importlib.abc, sys
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("custom_models", "pipelines"):
+            if name.split(".")[0] == "quill":
                 raise ImportError(f"{name} is blocked: the project is not importable here")
     sys.meta_path.insert(0, Block())
 """)
@@ -64,7 +64,7 @@ def test_pipeline_and_reward_model_load_without_the_project(tmp_path):
     result = run_isolated(f"""
         import json
         try:
-            import custom_models
+            import quill
             raise SystemExit("the project is importable: the test would prove nothing")
         except ImportError:
             pass

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from pipelines import cli
-from pipelines.markers import MARKER
-from pipelines.report import write_report
+from quill import cli
+from quill.markers import MARKER
+from quill.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COST = {"train_steps": 10, "wall_seconds": 12.5, "train_runtime": 11.0, "tokens_seen": 20480,

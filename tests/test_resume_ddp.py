@@ -32,7 +32,7 @@ from tiny_outputs import REPO, is_done, pretrain_argv, sft_argv, tree_hash
 
 
 def stage_cmd(stage: str, argv: list[str]) -> list[str]:
-    return [sys.executable, "-m", f"pipelines.stages.{stage}", *argv]
+    return [sys.executable, "-m", f"quill.stages.{stage}", *argv]
 
 
 def run_ok(cmd: list[str], env: dict, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -79,7 +79,7 @@ def kill_after_checkpoint(cmd: list[str], env: dict, out: Path, step: int = 2, t
 
 def plant_half_written_checkpoints(out: Path) -> list[Path]:
     """Newer checkpoints than the last complete one, as a kill during `save` leaves them."""
-    from pipelines.checkpoint import last_complete_checkpoint
+    from quill.checkpoint import last_complete_checkpoint
 
     last = Path(last_complete_checkpoint(out))
     step = int(last.name.split("-")[1])
@@ -150,7 +150,7 @@ def test_kill_and_resume_matches_uninterrupted_run(stage, point, tiny, sft_refer
         shutil.copytree(killed_runs[stage], out)
         planted = plant_half_written_checkpoints(out) if point == "mid_save" else []
 
-    from pipelines.checkpoint import last_complete_checkpoint
+    from quill.checkpoint import last_complete_checkpoint
 
     expected = last_complete_checkpoint(out)
     assert (expected is None) == (point == "mid_finish")
@@ -182,7 +182,7 @@ def test_two_process_cpu_ddp_matches_single_process_loss_curve(tiny, tmp_path):
     out = tmp_path / "ddp"
     env = {**tiny["env"], "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu_ddp.yaml",
-           "--main_process_port", str(_free_port()), "-m", "pipelines.stages.pretrain",
+           "--main_process_port", str(_free_port()), "-m", "quill.stages.pretrain",
            *pretrain_argv(out, tiny["tok"], "per_device_train_batch_size=2")]
     run_ok(cmd, env)
     assert is_done(out)

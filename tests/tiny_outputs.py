@@ -44,12 +44,12 @@ def build_tiny(base: Path) -> dict:
     env = stage_env(base)
     tok, pre = base / "tiny" / "tokenizer", base / "tiny" / "pretrain"
     if not is_done(tok):
-        subprocess.run([sys.executable, "-m", "pipelines.stages.tokenizer", "--config", "recipes/tiny/tokenizer.yaml",
+        subprocess.run([sys.executable, "-m", "quill.stages.tokenizer", "--config", "recipes/tiny/tokenizer.yaml",
                         f"output_dir={tok}", "vocab_size=512",
                         "dataset_mixture=[{path: quill:default/pretrain_train, max_samples: 300}]", "eval_size=20"],
                        cwd=REPO, env=env, check=True, capture_output=True)
     if not is_done(pre):
-        subprocess.run([sys.executable, "-m", "pipelines.stages.pretrain", *pretrain_argv(pre, tok)],
+        subprocess.run([sys.executable, "-m", "quill.stages.pretrain", *pretrain_argv(pre, tok)],
                        cwd=REPO, env=env, check=True, capture_output=True)
     return {"env": env, "tok": tok, "pre": pre}
 
@@ -64,5 +64,5 @@ def tree_hash(folder: Path) -> str:
 
 
 def run_quill(args: list[str], env: dict, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "quill.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)

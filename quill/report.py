@@ -1,0 +1,301 @@
+"""The report card of a finished (or partly finished) run: one table, three plots.
+
+    quill report RUN_DIR      ->  RUN_DIR/report.md, training_loss.png, eval_metrics.png, rl_reward.png
+
+Reads what each stage wrote into its folder (`metrics.json`, and `training_log.json`, the Trainer's log_history);
+nothing is recomputed, so a report takes a second and works on a copy of the run without its weights.
+"""
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quill.markers import MARKER
+from quill.errors import QuillError
+from quill.models import read_json
+
+STAGE_ORDER = ("tokenizer", "pretrain", "sft", "dpo", "reward", "rl")
+# Cost rows, after the quality metrics, in this order.
+COST_KEYS = ("train_loss", "train_steps", "wall_seconds", "train_runtime", "tokens_seen", "tokens_per_second",
+             "peak_memory_mb", "device", "world_size")
+# Held-out metrics worth a panel in eval_metrics.png (whichever exist).
+PLOTTED = ("task_accuracy", "eval_loss", "bits_per_byte", "preference_accuracy", "dpo_reward_accuracy",
+           "mean_reward", "bytes_per_token")
+PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "evaluate",
+            "reasoning-gym", "quill")
+MISSING = "—"
+
+
+@dataclass
+class StageResult:
+    name: str
+    folder: Path
+    metrics: dict = field(default_factory=dict)
+    log: list = field(default_factory=list)  # the Trainer's log_history
+    done: bool = False
+
+
+def load_stages(run_dir: Path) -> list[StageResult]:
+    """Every stage folder of the run that wrote metrics or a log: the known stages in pipeline order, then others."""
+    folders = [p for p in sorted(run_dir.iterdir()) if p.is_dir()] if run_dir.is_dir() else []
+    found = []
+    for folder in folders:
+        metrics, log = read_json(folder / "metrics.json"), _read_list(folder / "training_log.json")
+        if metrics or log:
+            stage = read_json(folder / MARKER)
+            found.append(StageResult(folder.name, folder, metrics, log, stage.get("done") is True))
+    rank = {name: i for i, name in enumerate(STAGE_ORDER)}
+    return sorted(found, key=lambda s: (rank.get(s.name, len(rank)), s.name))
+
+
+def _read_list(path: Path) -> list:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return data if isinstance(data, list) else []
+
+
+# -- the table -------------------------------------------------------------------------------------------------
+
+
+def metric_rows(stages: list[StageResult]) -> list[str]:
+    """Quality metrics first (each `<m>_before` right above `<m>`, so a stage's gain reads top to bottom), then cost."""
+    keys = list(dict.fromkeys(k for s in stages for k in s.metrics))
+    quality = [k for k in keys if k not in COST_KEYS]
+    rows = []
+    for key in quality:
+        base = key.removesuffix("_before")
+        for k in (f"{base}_before", base):
+            if k in quality and k not in rows:
+                rows.append(k)
+    return rows + [k for k in COST_KEYS if k in keys]
+
+
+def fmt(value) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def metrics_table(stages: list[StageResult]) -> str:
+    header = ["metric"] + [s.name if s.done else f"{s.name} (unfinished)" for s in stages]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in metric_rows(stages):
+        lines.append("| " + " | ".join([key] + [fmt(s.metrics.get(key)) for s in stages]) + " |")
+    return "\n".join(lines)
+
+
+# -- environment -----------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware() -> dict:
+    info = {"CPU": cpu_model(), "CPU cores": os.cpu_count(), "platform": platform.platform()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["GPU"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+    except ImportError:
+        pass
+    return info
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+# -- plots -----------------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works without a display, over SSH, in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _line_chart(series: dict[str, list[tuple]], path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """One line per series of (x, y) points; markers while there are few enough to read."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in series.items():
+        ax.plot(*zip(*points), label=name, marker="." if len(points) < 30 else None)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_training_loss(stages: list[StageResult], path: Path) -> bool:
+    series = {s.name: [(r["step"], r["loss"]) for r in s.log if "loss" in r and "step" in r] for s in stages}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return False
+    _line_chart(series, path, "step (within the stage)", "training loss", "Training loss per stage")
+    return True
+
+
+def plot_eval_metrics(stages: list[StageResult], path: Path) -> bool:
+    """One panel per held-out metric: its value before (light) and after (dark) each stage that measured it."""
+    panels = [m for m in PLOTTED if any(_num(s.metrics.get(m)) is not None for s in stages)]
+    if not panels:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], panels, strict=True):
+        names = [s.name for s in stages if _num(s.metrics.get(metric)) is not None]
+        after = [s.metrics[metric] for s in stages if s.name in names]
+        before = [_num(s.metrics.get(f"{metric}_before")) for s in stages if s.name in names]
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [b if b is not None else 0 for b in before], 0.4, label="before", color="#9ecae1")
+        ax.bar([i + 0.2 for i in x], after, 0.4, label="after", color="#3182bd")
+        ax.set_xticks(list(x), names, rotation=30)
+        ax.set_title(metric, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_rl_reward(stages: list[StageResult], path: Path) -> bool:
+    """Reward during RL: `reward` (the total) and each `rewards/<func>/mean` from the rl stage's log_history."""
+    rl = next((s for s in stages if s.name == "rl"), None)
+    if rl is None:
+        return False
+    keys = [k for k in dict.fromkeys(k for r in rl.log for k in r) if k == "reward" or
+            (k.startswith("rewards/") and not k.endswith("/std"))]
+    if not keys:
+        return False
+    series = {key: [(r["step"], r[key]) for r in rl.log if _num(r.get(key)) is not None and "step" in r] for key in keys}
+    _line_chart(series, path, "step", "mean reward", "Reward during RL")
+    return True
+
+
+def _num(value):
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# -- the report ------------------------------------------------------------------------------------------------
+
+
+def write_report(run_dir) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise QuillError(f"run folder '{run_dir}' not found", fix="pass the output folder of a `quill run`")
+    stages = load_stages(run_dir)
+    if not stages:
+        raise QuillError(f"run folder '{run_dir}' has no stage folders with metrics.json or training_log.json",
+                         fix="run at least one stage first (its output_dir must be inside the run folder)")
+    plots = {
+        "training_loss.png": ("Training loss", plot_training_loss),
+        "eval_metrics.png": ("Held-out metrics per stage", plot_eval_metrics),
+        "rl_reward.png": ("Reward during RL", plot_rl_reward),
+    }
+    made = []
+    for filename, (title, plot) in plots.items():
+        (run_dir / filename).unlink(missing_ok=True)  # no stale plot from an earlier report
+        if plot(stages, run_dir / filename):
+            made.append(f"![{title}]({filename})")
+    text = render(run_dir, stages, made)
+    out = run_dir / "report.md"
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+def render(run_dir: Path, stages: list[StageResult], images: list[str]) -> str:
+    present = {s.name for s in stages}
+    absent = [n for n in STAGE_ORDER if n not in present]
+    wall = sum(_num(s.metrics.get("wall_seconds")) or 0 for s in stages)
+    tokens = sum(_num(s.metrics.get("tokens_seen")) or 0 for s in stages)
+    parts = [
+        f"# Quill run report: `{run_dir.resolve().name}`",
+        "",
+        f"Stages: {', '.join(s.name for s in stages)}" + (f" (not run: {', '.join(absent)})" if absent else "") + ".",
+        f"Total wall time {wall:,.0f} s, {tokens:,} tokens seen in training.",
+        "",
+        "`*_before` rows are measured on the stage's starting model, the row below it after training: the",
+        "difference is what the stage gained. All metrics are on held-out data; `—` means not measured.",
+        "",
+        metrics_table(stages),
+        "",
+        "## Plots",
+        "",
+        *(images or ["No training logs to plot."]),
+        "",
+        "## Hardware",
+        "",
+        "Where this report was written; the `device` and `world_size` rows above say where each stage trained.",
+        "",
+        *[f"- {k}: {v}" for k, v in hardware().items()],
+        "",
+        "## Versions",
+        "",
+        *[f"- {k}: {v}" for k, v in versions().items()],
+        "",
+        "## Recipe",
+        "",
+        recipe_section(run_dir),
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def recipe_section(run_dir: Path) -> str:
+    recipe = run_dir / "recipe.yaml"
+    if not recipe.exists():
+        return f"No `recipe.yaml` in `{run_dir}` (stages run one by one keep their own configs)."
+    return f"Copied from `{recipe}`:\n\n```yaml\n{recipe.read_text(encoding='utf-8').rstrip()}\n```"
+
+
+# -- CLI -------------------------------------------------------------------------------------------------------
+
+
+def run(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="quill report", description="Write RUN_DIR/report.md with plots.")
+    p.add_argument("run_dir", help="the run's output folder (holds pretrain/, sft/, ... stage folders)")
+    out = write_report(p.parse_args(argv).run_dir)
+    print(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from quill.cli import run_guarded
+
+    run_guarded(lambda: run(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,57 @@
+"""Preference tuning with TRL's DPOTrainer, starting from the SFT model.
+
+    quill dpo --config recipes/tiny/dpo.yaml [key=value ...]
+
+Reference model, three ways (all TRL's own): a frozen copy of the starting model (default), its log-probs
+precomputed once (`precompute_ref_log_probs: true`, no second model in memory during training), or with
+`use_peft: true` the same model with the LoRA adapter disabled.
+"""
+
+import copy
+
+from trl import DPOConfig, DPOTrainer
+
+from quill.config import DataArguments, ModelArguments, RunArguments, parse_stage_args
+from quill.evaluation import dpo_preference_accuracy, task_accuracy
+from quill.stages.common import load_stage_data, load_task_eval, report_overlong, run_stage, start_stage
+
+ARG_TYPES = (DataArguments, ModelArguments, DPOConfig, RunArguments)
+
+
+def train(data_args: DataArguments, model_args: ModelArguments, args: DPOConfig, run: RunArguments) -> dict:
+    stage = start_stage("dpo", data_args, model_args, args, run)
+    if stage.skipped:
+        return stage.metrics
+    splits = load_stage_data(data_args, "dpo")
+    report_overlong("dpo", splits["train"], stage.tokenizer, args.max_length)
+    task_rows = load_task_eval(data_args)
+    # The starting model, frozen, for the implicit-reward metric (what DPO's "rewards/accuracies" measures).
+    reference = copy.deepcopy(stage.model).eval() if stage.model is not None else None
+    pairs = list(splits["eval"])
+    trainer = DPOTrainer(
+        model=stage.model,
+        args=args,
+        train_dataset=splits["train"],
+        eval_dataset=splits["eval"],
+        processing_class=stage.tokenizer,
+        peft_config=stage.peft_config,
+        callbacks=stage.callbacks,
+    )
+
+    def evaluate() -> dict:
+        metrics = dpo_preference_accuracy(trainer.model, reference, stage.tokenizer, pairs, beta=args.beta)
+        if task_rows:
+            metrics.update(task_accuracy(trainer.model, stage.tokenizer, task_rows))
+        return metrics
+
+    return run_stage(stage, trainer, evaluate, datasets=data_args.names())
+
+
+def main(argv=None):
+    from quill.cli import run_guarded
+
+    run_guarded(lambda: train(*parse_stage_args(ARG_TYPES, argv)))
+
+
+if __name__ == "__main__":
+    main()

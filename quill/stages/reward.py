@@ -1,0 +1,49 @@
+"""Reward model with TRL's RewardTrainer: the SFT checkpoint loaded as QuillForSequenceClassification (one logit).
+
+    quill reward --config recipes/tiny/reward.yaml [key=value ...]
+
+The causal checkpoint's config carries AutoModelForSequenceClassification in its auto_map, so the same folder
+loads as a reward model (the `score` head is new); the output folder loads with
+`AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)` and serves as an RL reward.
+"""
+
+from trl import RewardConfig, RewardTrainer
+
+from quill.config import DataArguments, ModelArguments, RunArguments, parse_stage_args
+from quill.evaluation import reward_preference_accuracy
+from quill.stages.common import load_stage_data, report_overlong, run_stage, start_stage
+
+ARG_TYPES = (DataArguments, ModelArguments, RewardConfig, RunArguments)
+
+
+def train(data_args: DataArguments, model_args: ModelArguments, args: RewardConfig, run: RunArguments) -> dict:
+    stage = start_stage("reward", data_args, model_args, args, run, task="reward")
+    if stage.skipped:
+        return stage.metrics
+    splits = load_stage_data(data_args, "reward")
+    report_overlong("reward", splits["train"], stage.tokenizer, args.max_length)
+    pairs = list(splits["eval"])
+    trainer = RewardTrainer(
+        model=stage.model,
+        args=args,
+        train_dataset=splits["train"],
+        eval_dataset=splits["eval"],
+        processing_class=stage.tokenizer,
+        peft_config=stage.peft_config,
+        callbacks=stage.callbacks,
+    )
+
+    def evaluate() -> dict:
+        return reward_preference_accuracy(trainer.model, stage.tokenizer, pairs)
+
+    return run_stage(stage, trainer, evaluate, datasets=data_args.names())
+
+
+def main(argv=None):
+    from quill.cli import run_guarded
+
+    run_guarded(lambda: train(*parse_stage_args(ARG_TYPES, argv)))
+
+
+if __name__ == "__main__":
+    main()
