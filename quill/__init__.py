@@ -1,1 +1,1 @@
-"""Quill pipelines: data, stages, CLI and evaluation around the Quill model."""
+"""Quill: train a small language model end to end on the Hugging Face stack (see README.md)."""

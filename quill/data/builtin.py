@@ -24,7 +24,7 @@ def resolve(path: str) -> str:
     """Map `quill:default/NAME` to its local jsonl file (building the set once); any other path is returned as is."""
     if not isinstance(path, str) or not path.startswith(PREFIX):
         return path
-    name = path[len(PREFIX):]
+    name = path[len(PREFIX) :]
     if name not in FILES:
         raise QuillError(f"dataset '{path}' does not exist", fix=f"use quill:default/ with one of {', '.join(FILES)}")
     target = cache_dir()

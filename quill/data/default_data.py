@@ -36,7 +36,7 @@ DEFAULT_SIZES = {
 }
 FILES = ["pretrain_train", "pretrain_eval", "sft_train", "sft_eval", "dpo_train", "dpo_eval", "rl_train", "rl_eval"]
 
-# Train and eval questions come from seeds this far apart (reasoning-gym seeds are offsets, see generate()).
+# Train and eval questions come from seeds this far apart (reasoning-gym seeds are offsets, see tasks.stream).
 EVAL_SEED_OFFSET = 50_000_000
 SEED_STRIDE = 100_000_000
 

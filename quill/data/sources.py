@@ -16,7 +16,7 @@ import numpy as np
 from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 
 from quill.data.schemas import check_schema
-from quill.errors import QuillError
+from quill.errors import QuillError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -39,32 +39,33 @@ class DataSource:
 
     @classmethod
     def parse(cls, spec: "DataSource | str | dict") -> "DataSource":
-        """Build from a recipe entry: a bare path/Hub id string or a dict of the fields above."""
+        """Build from a recipe entry: a bare path/Hub id string or a dict of the fields above. Errors say what is
+        wrong with the entry; the caller says which entry it is."""
         if isinstance(spec, DataSource):
             return spec
         if isinstance(spec, str):
             spec = {"path": spec}
         if not isinstance(spec, dict):
             raise QuillError(
-                f"data source: expected a path string or a mapping with 'path', found {type(spec).__name__}",
-                fix="write e.g. `- path: data/sft.jsonl` or `- org/dataset`",
+                f"expected a mapping like {{path: ..., weight: ...}}, found {type(spec).__name__}",
+                "write each dataset as a mapping or as its path",
             )
         known = [f.name for f in fields(cls)]
-        unknown = sorted(set(spec) - set(known))
-        where = f"data source {spec.get('path', '?')!r}"
-        if unknown:
-            raise QuillError(f"{where}: unknown key {unknown[0]!r}", fix=f"use keys from {', '.join(known)}")
-        if not isinstance(spec.get("path"), str) or not spec["path"]:
-            raise QuillError(f"{where}: expected a 'path' string, found {spec.get('path')!r}", fix="add `path:`")
+        for key in spec:
+            if key not in known:
+                raise QuillError(f"unknown key '{key}'", did_you_mean(str(key), known) or f"use {', '.join(known)}")
+        if not spec.get("path"):
+            raise QuillError("'path' is missing", "give the Hub dataset id or a local path as path: ...")
+        if not isinstance(spec["path"], str):
+            raise QuillError(f"expected 'path' to be text, found {spec['path']!r}", "quote the path")
         src = cls(**spec)
         if not isinstance(src.weight, (int, float)) or src.weight <= 0:
-            raise QuillError(f"{where}: expected weight > 0, found {src.weight!r}", fix="use e.g. weight: 0.5")
+            raise QuillError(f"expected weight > 0, found {src.weight!r}", "use e.g. weight: 0.5")
         if src.max_samples is not None and (not isinstance(src.max_samples, int) or src.max_samples < 1):
-            raise QuillError(f"{where}: expected max_samples >= 1, found {src.max_samples!r}", fix="drop it or use 1+")
+            raise QuillError(f"expected max_samples >= 1, found {src.max_samples!r}", "drop it or use 1 or more")
         if not isinstance(src.columns, dict):
             raise QuillError(
-                f"{where}: expected columns as a mapping old: new, found {src.columns!r}",
-                fix="write `columns: {old: new}`",
+                f"expected columns as a mapping old: new, found {src.columns!r}", "write `columns: {old: new}`"
             )
         return src
 
@@ -72,10 +73,7 @@ class DataSource:
 def _looks_local(path: str) -> bool:
     # A Hub id is `name` or `org/name`; anything with a data suffix, a leading ./ ~ / or deeper nesting is a path.
     return (
-        path.startswith((".", "/", "~"))
-        or Path(path).suffix.lower() in BUILDERS
-        or path.count("/") > 1
-        or "\\" in path
+        path.startswith((".", "/", "~")) or Path(path).suffix.lower() in BUILDERS or path.count("/") > 1 or "\\" in path
     )
 
 
@@ -188,13 +186,23 @@ def _hidden(file: Path, root: Path) -> bool:
 
 def load_source(src: "DataSource | str | dict", streaming: bool = False):
     """Load one source as a `Dataset` (or `IterableDataset` when streaming), renamed and capped."""
-    src = DataSource.parse(src)
+    try:
+        src = DataSource.parse(src)
+    except QuillError as e:
+        path = src.get("path") if isinstance(src, dict) else src
+        raise QuillError(f"data source {path!r}: {e.problem}", e.fix) from None
     try:
         ds = _load(src, streaming)
     except QuillError:
         raise
-    except (DatasetGenerationError, DatasetNotFoundError, FileNotFoundError, ConnectionError, ValueError,
-            StopIteration) as e:  # fmt: skip
+    except (
+        DatasetGenerationError,
+        DatasetNotFoundError,
+        FileNotFoundError,
+        ConnectionError,
+        ValueError,
+        StopIteration,
+    ) as e:
         raise _wrap_load_error(src, e) from e
     if isinstance(ds, datasets.DatasetDict | datasets.IterableDatasetDict):  # split=None slipped through
         raise QuillError(f"data source {src.path!r}: expected one split, found {list(ds)}", fix="set `split:`")

@@ -74,21 +74,14 @@ def stream(
                 misses += 1
                 if misses > _MAX_MISSES:
                     raise QuillError(
-                        f"task '{task}': expected new {split + ' ' if split else ''}questions, found none in {_MAX_MISSES} draws "
-                        f"after {len(exclude)} distinct ones",
+                        f"task '{task}': expected new {split + ' ' if split else ''}questions, found none in "
+                        f"{_MAX_MISSES} draws after {len(exclude)} distinct ones",
                         fix=f"ask for fewer rows or widen the task's ranges (config {config})",
                     )
                 continue
             misses = 0
             exclude.add(question)
             yield {"question": question, "answer": item["answer"], "metadata": item["metadata"]}
-
-
-def generate(
-    task: str, n: int, seed: int, config: dict | None = None, exclude: set[str] | None = None, split: str | None = None
-) -> list[dict]:
-    """The first `n` items of `stream(...)`."""
-    return list(itertools.islice(stream(task, seed, config, exclude, split), n))
 
 
 def wrong_answer(task: str, item: dict, rng: random.Random) -> str | None:

@@ -103,8 +103,11 @@ def _without_special_tokens(texts: Iterable[str]) -> Iterator[str]:
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """Ids generation should stop at: end of turn first, then end of text."""
-    return [tokenizer.convert_tokens_to_ids(END), tokenizer.eos_token_id]
+    """Ids that end an assistant's turn: `<|end|>` where the vocabulary has it, then end of text. The one owner of
+    this fact: generation_config, the metrics' generation and `quill chat` all take it from here."""
+    end = tokenizer.convert_tokens_to_ids(END)
+    ids = [end if end != tokenizer.unk_token_id else None, tokenizer.eos_token_id]
+    return list(dict.fromkeys(i for i in ids if isinstance(i, int)))
 
 
 def bytes_per_token(tokenizer, texts: Iterable[str]) -> float:

@@ -5,12 +5,7 @@ Importing this package makes `AutoModelForCausalLM.from_pretrained(quill_dir)` w
 to the weights, so the checkpoint also loads where Quill is not installed (`trust_remote_code=True`).
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-)
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .configuration_quill import QuillConfig
 from .modeling_quill import (

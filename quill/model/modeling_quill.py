@@ -307,11 +307,13 @@ class QuillForCausalLM(QuillPreTrainedModel, GenerationMixin):
         accelerate offload hooks and custom losses take the ordinary path)."""
         head = self.lm_head
         return (
-            isinstance(logits_to_keep, int) and logits_to_keep == 0
+            isinstance(logits_to_keep, int)
+            and logits_to_keep == 0
             and self.loss_function is ForCausalLMLoss
-            and type(head) is nn.Linear and head.bias is None
+            and type(head) is nn.Linear
+            and head.bias is None
             and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
-        )  # fmt: skip
+        )
 
     @can_return_tuple
     def forward(
@@ -350,7 +352,7 @@ class QuillForCausalLM(QuillPreTrainedModel, GenerationMixin):
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            **{CACHE_FIELD: outputs[CACHE_FIELD] if CACHE_FIELD in outputs else None},
+            **{CACHE_FIELD: outputs.get(CACHE_FIELD)},
         )
 
 

@@ -1,14 +1,17 @@
-"""What every training stage does around its trainer: load, guard, resume, evaluate, write, push.
+"""What every training stage does around its trainer: lock, load, guard, resume, evaluate, finish, push.
 
 A stage file builds its datasets and its (TRL or HF) trainer; everything before and after is here:
 
-    stage = start_stage("sft", data_args, model_args, args)   # tokenizer, model, LoRA, callbacks, output folder
+    stage = start_stage("sft", data_args, model_args, args, run)   # lock, skip check, tokenizer, model, LoRA
     trainer = SFTTrainer(model=stage.model, args=args, ..., callbacks=stage.callbacks, peft_config=stage.peft_config)
-    return run_stage(stage, trainer, evaluate, datasets=...)  # resume, train, eval, Hub-format folder, marker, push
+    return run_stage(stage, trainer, evaluate, datasets=...)  # resume, train, eval, finished folder, marker, push
 """
 
+import contextlib
 import json
+import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -20,24 +23,42 @@ from safetensors import SafetensorError
 from transformers import TrainerCallback, set_seed
 
 from quill.allocator import keep_freed_memory
-from quill.checkpoint import (
-    CHECKPOINTS,
-    StopOnNonFiniteLoss,
-    finish_stage,
-    last_complete_checkpoint,
-    prepare_output_dir,
-    push_folder,
-)
 from quill.data import builtin
 from quill.data.schemas import check_schema
 from quill.data.sources import load_mixture
-from quill.errors import QuillError
-from quill.markers import is_stage_done
-from quill.models import load_model, load_tokenizer, read_json
+from quill.data.tokenizer import stop_token_ids
+from quill.errors import QuillError, one_line
+from quill.hub import model_card, push_folder
+from quill.loading import CAUSAL_LM, load_model, load_tokenizer, peft_config
+from quill.output import (
+    CHECKPOINTS,
+    check_finished,
+    clear_for_overwrite,
+    disk_error,
+    fingerprint,
+    finish_folder,
+    folder_lock,
+    prepare_run_dir,
+    read_json,
+    record_fingerprint,
+    recover,
+    resume_point,
+    staged_path,
+    write_json,
+)
 
 # TRL's configs default gradient_checkpointing=True, which transformers 5 flags as deprecated on every TRL stage
-# start; that warning would break the one-line `error: ...` contract of run_guarded on stderr.
+# start; that warning would break the one-line `error: ...` contract on stderr.
 warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(msg: str) -> None:
+    if is_main_process():
+        print(f"[quill] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -45,67 +66,67 @@ class Stage:
     name: str
     output_dir: Path
     model_args: object
-    args: object
+    args: object  # the stage's TrainingArguments (or TRL config)
+    run: object  # RunArguments
+    fingerprint: dict
     tokenizer: object = None
     model: object = None
     peft_config: object = None
     callbacks: list = field(default_factory=list)
-    hub_model_id: str | None = None
     started: float = field(default_factory=time.time)
     skipped: bool = False
     metrics: dict = field(default_factory=dict)
+    held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the folder lock, for the process
 
 
-def log(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[quill] {msg}", file=sys.stderr, flush=True)
+def open_stage(name: str, parsed: tuple, run) -> tuple[Path, dict, contextlib.ExitStack, dict | None]:
+    """Lock the output folder, finish an interrupted swap, and look for a finished run with the same settings.
+    Returns (folder, fingerprint, the lock's ExitStack, the finished marker or None)."""
+    fp = fingerprint(parsed)  # before anything below changes the arguments
+    out = Path(run.output_dir or f"outputs/{name}")
+    held = contextlib.ExitStack()
+    if is_main_process():
+        prepare_run_dir(out.parent)
+        held.enter_context(folder_lock(out))
+        recover(out)  # before anything creates `out`: a swap cut short must be completed, not overwritten
+        prepare_run_dir(out)
+    finished = None if run.overwrite else check_finished(out, fp, name)
+    if finished:
+        log(f"{name}: already finished in {out} with the same settings; skipping (overwrite=true redoes it)")
+    return out, fp, held, finished
 
 
-def start_stage(name, data_args, model_args, args, run, task: str = "causal-lm") -> Stage:
-    out = prepare_output_dir(args.output_dir, overwrite=run.overwrite)
-    stage = Stage(name=name, output_dir=out, model_args=model_args, args=args)
-    if is_stage_done(out):
-        log(f"{name}: already finished in {out}; skipping (set overwrite=true to redo it)")
+def start_stage(name, data_args, model_args, args, run, task: str = CAUSAL_LM) -> Stage:
+    out, fp, held, finished = open_stage(name, (data_args, model_args, args, run), run)
+    stage = Stage(name=name, output_dir=out, model_args=model_args, args=args, run=run, fingerprint=fp, held=held)
+    if finished:
         stage.skipped, stage.metrics = True, read_json(out / "metrics.json")
         return stage
-    # The Trainer writes resume points under checkpoints/; the stage folder itself only ever holds a final model.
-    args.output_dir = str(out / CHECKPOINTS)
-    # We push the finished folder ourselves (with retries), not every checkpoint mid-run.
-    if args.push_to_hub:
-        stage.hub_model_id = args.hub_model_id or out.name
-        args.push_to_hub = False
+    args.output_dir = str(out / CHECKPOINTS)  # resume points; the stage folder itself only ever holds a final model
+    args.push_to_hub = False  # the finished folder is pushed once, by run_stage, not every checkpoint mid-run
     args.logging_nan_inf_filter = False  # a NaN must be seen, not averaged away
     args.include_num_input_tokens_seen = "all"  # tokens seen and throughput go into the report card
     set_seed(args.seed)
     if args.use_cpu or not torch.cuda.is_available():
-        keep_freed_memory()  # each step reuses the last one's pages (quill/allocator.py); no log: stderr is for errors
+        keep_freed_memory()  # each step reuses the last one's pages (quill/allocator.py)
     tokenizer_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if not tokenizer_path:
-        raise QuillError(f"{name}: no tokenizer given", fix="set tokenizer_name_or_path (or model_name_or_path)")
-    stage.tokenizer = load_tokenizer(tokenizer_path, model_args.trust_remote_code)
+        raise QuillError(f"{name}: no tokenizer given", "set tokenizer_name_or_path (or model_name_or_path)")
+    stage.tokenizer = load_tokenizer(
+        tokenizer_path,
+        model_args.trust_remote_code,
+        model_args.model_revision if tokenizer_path == model_args.model_name_or_path else None,
+    )
     try:
         stage.model = load_model(model_args, stage.tokenizer, task=task)
     except SafetensorError as err:  # a truncated/corrupted model.safetensors is not an OSError
-        raise QuillError(f"model '{model_args.model_name_or_path}' has a corrupted weights file "
-                         f"({' '.join(str(err).split())[:160]})",
-                         fix="restore the model folder, or re-run the stage that wrote it with overwrite=true") from None
+        raise QuillError(
+            f"model '{model_args.model_name_or_path}' has a corrupted weights file ({one_line(err, 160)})",
+            "restore the model folder, or re-run the stage that wrote it with overwrite=true",
+        ) from None
     stage.peft_config = peft_config(model_args, task)
-    stage.callbacks = [StopOnNonFiniteLoss()]
+    stage.callbacks = [StopOnNonFiniteLoss(), CheckpointHygiene()]
     return stage
-
-
-def peft_config(model_args, task: str):
-    if not getattr(model_args, "use_peft", False):
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules or "all-linear",
-        task_type="SEQ_CLS" if task != "causal-lm" else "CAUSAL_LM",
-    )
 
 
 def load_stage_data(data_args, schema: str):
@@ -113,8 +134,17 @@ def load_stage_data(data_args, schema: str):
     sources = data_args.sources()
     for src in sources:
         src.path = builtin.resolve(src.path)
-    # Each source is checked under its own path before mixing, so an error names the file and row.
     return load_mixture(sources, seed=data_args.dataset_seed, eval_size=data_args.eval_size, stage=schema)
+
+
+def load_task_eval(data_args) -> list[dict]:
+    """Held-out task rows ({prompt, task, answer, metadata}) for the accuracy a chat model is judged by."""
+    if not getattr(data_args, "task_eval", None):
+        return []
+    source = {**data_args.task_eval, "path": builtin.resolve(data_args.task_eval["path"])}
+    rows = load_mixture([source], seed=data_args.dataset_seed, eval_size=0)["train"]
+    check_schema(rows, "rl", source=f"task_eval {data_args.task_eval['path']}")
+    return list(rows)[: data_args.task_eval_limit or None]
 
 
 OVERLONG_CHECK_ROWS = 20_000  # enough to tell a user their max_length is wrong, cheap on any dataset
@@ -122,6 +152,7 @@ OVERLONG_CHECK_ROWS = 20_000  # enough to tell a user their max_length is wrong,
 
 def sample_length(tokenizer, row: dict) -> int:
     """Tokens of the longest sequence a trainer builds from this row (prompt + completion / chosen / rejected)."""
+
     def tokens(x) -> int:
         if isinstance(x, list):
             return len(tokenizer.apply_chat_template(x, tokenize=True, return_dict=False))
@@ -135,25 +166,44 @@ def sample_length(tokenizer, row: dict) -> int:
 
 
 def report_overlong(name: str, dataset, tokenizer, max_length: int | None) -> int:
-    """Quill's policy for samples longer than max_length: TRL truncates them; we count and say so, never silently."""
+    """TRL truncates samples longer than max_length; we count them and say so, never silently."""
     if not max_length:
         return 0
     checked = min(len(dataset), OVERLONG_CHECK_ROWS)
     over = sum(sample_length(tokenizer, row) > max_length for row in dataset.select(range(checked)))
     if over:
-        log(f"{name}: {over} of {checked} training samples checked are longer than max_length={max_length} tokens "
-            "and will be truncated (raise max_length to keep them whole)")
+        log(
+            f"{name}: {over} of {checked} training samples checked are longer than max_length={max_length} tokens "
+            "and will be truncated (raise max_length to keep them whole)"
+        )
     return over
 
 
-def load_task_eval(data_args) -> list[dict]:
-    """Held-out task rows ({prompt, task, answer, metadata}) for the accuracy a chat model is judged by."""
-    if not getattr(data_args, "task_eval", None):
-        return []
-    source = {**data_args.task_eval, "path": builtin.resolve(data_args.task_eval["path"])}
-    rows = load_mixture([source], seed=data_args.dataset_seed, eval_size=0)["train"]
-    check_schema(rows, "rl", source=f"task_eval {data_args.task_eval}")
-    return list(rows)[: data_args.task_eval_limit or None]
+# -- training guards and checkpoint hygiene --------------------------------------------------------------------
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop the stage before a NaN/inf update is applied, so no checkpoint ever holds a diverged model."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not torch.stack(torch._foreach_norm(grads)).isfinite().all():
+            raise QuillError(
+                f"loss became NaN or inf at step {state.global_step + 1}",
+                "lower learning_rate or set max_grad_norm; the last good checkpoint is kept and the stage "
+                "resumes from it when re-run",
+            )
+
+
+class CheckpointHygiene(TrainerCallback):
+    """Checkpoints keep no pickled arguments: `training_args.bin` becomes `training_args.json` (tokens redacted)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (ckpt / "training_args.bin").unlink(missing_ok=True)
+            if ckpt.is_dir():
+                write_json(ckpt / "training_args.json", json.loads(args.to_json_string()))
 
 
 class EvaluateBeforeTraining(TrainerCallback):
@@ -170,49 +220,121 @@ class EvaluateBeforeTraining(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.metrics = {f"{k}_before": v for k, v in self.evaluate().items()}
         if state.is_world_process_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.metrics))
+            write_json(self.path, self.metrics)
+
+
+# -- running and finishing ---------------------------------------------------------------------------------------
 
 
 def run_stage(stage: Stage, trainer, evaluate, datasets: list[str]) -> dict:
     """Resume or start, train, evaluate, then write the finished folder. `evaluate()` returns the stage's metrics."""
-    out = stage.output_dir
-    resume = last_complete_checkpoint(out)
-    before = EvaluateBeforeTraining(evaluate, out / CHECKPOINTS / "metrics_before.json")
-    if resume:
-        log(f"{stage.name}: resuming from {resume}")
-        before.metrics = read_json(before.path)
-    else:
-        trainer.add_callback(before)
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = {**before.metrics, **evaluate()}
-    metrics.update(run_summary(stage, trainer, result))
-    card = {"base_model": stage.model_args.model_name_or_path, "datasets": datasets,
-            "hub_model_id": stage.hub_model_id}
-    finish_stage(trainer, stage.tokenizer, out, stage=stage.name, card=card, metrics=metrics,
-                 merge_lora=getattr(stage.model_args, "merge_lora_on_save", False))
+    out, main = stage.output_dir, trainer.accelerator.is_main_process
+    with stage.held:
+        if stage.run.overwrite and main:
+            clear_for_overwrite(out)  # only now: every input has been loaded and checked
+        resume = resume_point(out, stage.fingerprint, stage.name, clean=main)
+        if main and not resume:
+            record_fingerprint(out, stage.fingerprint)
+        trainer.accelerator.wait_for_everyone()
+        before = EvaluateBeforeTraining(evaluate, out / CHECKPOINTS / "metrics_before.json")
+        if resume:
+            log(f"{stage.name}: resuming from {resume}")
+            before.metrics = read_json(before.path)
+        else:
+            trainer.add_callback(before)
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        except OSError as err:
+            raise disk_error(err, out / CHECKPOINTS) from err
+        metrics = {**before.metrics, **evaluate(), **run_summary(stage, trainer, result)}
+        finish_stage(stage, trainer, metrics, datasets)
     log(f"{stage.name}: done in {time.time() - stage.started:.0f}s -> {out} " + format_metrics(metrics))
-    if stage.hub_model_id and trainer.accelerator.is_main_process:
-        url = push_folder(out, stage.hub_model_id, token=stage.args.hub_token)
-        log(f"{stage.name}: pushed to {url}")
+    if stage.run.push_to_hub and main:
+        push_stage(stage.output_dir, stage.run, stage.name)
     return metrics
+
+
+def push_stage(folder: Path, run, name: str) -> None:
+    url = push_folder(folder, run.hub_model_id or folder.name, run.hub_private_repo, run.hub_revision)
+    log(f"{name}: pushed to {url}")
+
+
+def finish_stage(stage: Stage, trainer, metrics: dict, datasets: list[str]) -> None:
+    """Save the final model (every process: sharded models are gathered), then, on the main process, complete the
+    finished folder beside the stage folder and swap it in (quill.output.finish_folder)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    if getattr(base, "generation_config", None) is not None:
+        sync_generation_config(base, stage.tokenizer)
+    staged, main = staged_path(stage.output_dir), trainer.accelerator.is_main_process
+    if trainer.is_fsdp_enabled:  # a sharded state dict would save no model files: gather the full one
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    if main:
+        staged.mkdir(parents=True, exist_ok=True)
+    trainer.accelerator.wait_for_everyone()
+    try:
+        if hasattr(model, "peft_config") and stage.model_args.merge_lora_on_save:
+            if main:
+                model.merge_and_unload().save_pretrained(staged)
+        else:
+            trainer.save_model(str(staged))  # handles FSDP/DeepSpeed gathering; writes on the main process only
+    except BaseException as err:
+        if main:
+            shutil.rmtree(staged, ignore_errors=True)  # no half-written folder left behind
+        raise disk_error(err, staged) if isinstance(err, OSError) else err from err
+
+    def write_rest(folder: Path) -> None:
+        stage.tokenizer.save_pretrained(folder)
+        (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle
+        log_history = [{k: v for k, v in row.items() if _finite(v)} for row in trainer.state.log_history]
+        write_json(folder / "training_log.json", log_history)
+        write_json(folder / "metrics.json", metrics)
+        card = model_card(
+            stage=stage.name,
+            base_model=stage.model_args.model_name_or_path,
+            datasets=datasets,
+            metrics=metrics,
+            hub_model_id=stage.run.hub_model_id,
+            classifier=not hasattr(base, "generation_config") or base.generation_config is None,
+        )
+        (folder / "README.md").write_text(card, encoding="utf-8")
+
+    if main:
+        base_model = stage.model_args.model_name_or_path
+        if base_model and Path(base_model).exists():
+            base_model = str(Path(base_model).resolve())  # markers are never pushed: a local path is fine here
+        finish_folder(
+            stage.output_dir,
+            write_rest,
+            {"stage": stage.name, "base_model": base_model, "fingerprint": stage.fingerprint},
+        )
+    trainer.accelerator.wait_for_everyone()
+
+
+def sync_generation_config(model, tokenizer) -> None:
+    """Make `pipeline()` stop at the end of an assistant turn: eos = [<|end|>, eos] (TRL leaves only eos there)."""
+    for cfg in (model.config, model.generation_config):
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.bos_token_id = tokenizer.bos_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
 
 
 def run_summary(stage: Stage, trainer, result) -> dict:
     """Cost figures for the report card: time, tokens, throughput, memory, hardware."""
-    seconds = time.time() - stage.started
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    runtime = result.metrics.get("train_runtime")
     summary = {
         "train_loss": result.training_loss,
         "train_steps": trainer.state.global_step,
-        "wall_seconds": round(seconds, 1),
-        "train_runtime": result.metrics.get("train_runtime"),
+        "wall_seconds": round(time.time() - stage.started, 1),
+        "train_runtime": runtime,
         "tokens_seen": tokens,
         "world_size": trainer.args.world_size,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
-    if tokens and result.metrics.get("train_runtime"):
-        summary["tokens_per_second"] = round(tokens / result.metrics["train_runtime"], 1)
+    if tokens and runtime:
+        summary["tokens_per_second"] = round(tokens / runtime, 1)
     summary["peak_memory_mb"] = round(peak_memory_mb(), 1)
     return summary
 
@@ -220,14 +342,15 @@ def run_summary(stage: Stage, trainer, result) -> dict:
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        import resource
+    import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    except ImportError:
-        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def format_metrics(metrics: dict) -> str:
     keys = [k for k in metrics if k.startswith("eval_") or k.endswith("accuracy") or k.endswith("_before")]
     return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics[k], (int, float)))
+
+
+def _finite(v) -> bool:
+    return not (isinstance(v, float) and not math.isfinite(v))

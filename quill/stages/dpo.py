@@ -11,8 +11,10 @@ import copy
 
 from trl import DPOConfig, DPOTrainer
 
-from quill.config import DataArguments, ModelArguments, RunArguments, parse_stage_args
-from quill.evaluation import dpo_preference_accuracy, task_accuracy
+from quill.arguments import DataArguments, ModelArguments, RunArguments
+from quill.errors import run_guarded
+from quill.metrics import dpo_preference_accuracy, task_accuracy
+from quill.options import parse_stage_args
 from quill.stages.common import load_stage_data, load_task_eval, report_overlong, run_stage, start_stage
 
 ARG_TYPES = (DataArguments, ModelArguments, DPOConfig, RunArguments)
@@ -48,8 +50,6 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: DPOConfig,
 
 
 def main(argv=None):
-    from quill.cli import run_guarded
-
     run_guarded(lambda: train(*parse_stage_args(ARG_TYPES, argv)))
 
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 from transformers import Trainer, TrainingArguments
 
-from quill.config import DataArguments, ModelArguments, RunArguments, parse_stage_args
+from quill.arguments import DataArguments, ModelArguments, RunArguments
 from quill.data.packing import collate_packed, pack_dataset, tokenize_batch
+from quill.errors import run_guarded
+from quill.options import parse_stage_args
 from quill.stages.common import load_stage_data, run_stage, start_stage
 
 
@@ -61,8 +63,6 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: PretrainCo
 
 
 def main(argv=None):
-    from quill.cli import run_guarded
-
     run_guarded(lambda: train(*parse_stage_args(ARG_TYPES, argv)))
 
 

@@ -9,15 +9,18 @@ loads as a reward model (the `score` head is new); the output folder loads with
 
 from trl import RewardConfig, RewardTrainer
 
-from quill.config import DataArguments, ModelArguments, RunArguments, parse_stage_args
-from quill.evaluation import reward_preference_accuracy
+from quill.arguments import DataArguments, ModelArguments, RunArguments
+from quill.errors import run_guarded
+from quill.loading import CLASSIFIER
+from quill.metrics import reward_preference_accuracy
+from quill.options import parse_stage_args
 from quill.stages.common import load_stage_data, report_overlong, run_stage, start_stage
 
 ARG_TYPES = (DataArguments, ModelArguments, RewardConfig, RunArguments)
 
 
 def train(data_args: DataArguments, model_args: ModelArguments, args: RewardConfig, run: RunArguments) -> dict:
-    stage = start_stage("reward", data_args, model_args, args, run, task="reward")
+    stage = start_stage("reward", data_args, model_args, args, run, task=CLASSIFIER)
     if stage.skipped:
         return stage.metrics
     splits = load_stage_data(data_args, "reward")
@@ -40,8 +43,6 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: RewardConf
 
 
 def main(argv=None):
-    from quill.cli import run_guarded
-
     run_guarded(lambda: train(*parse_stage_args(ARG_TYPES, argv)))
 
 

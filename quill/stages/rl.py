@@ -7,22 +7,40 @@ scorers (`verifiable_reward: true`, reasoning-gym's `score_answer`). GRPO sample
 prompt and pushes the policy toward the better-than-average ones; no value model is needed.
 """
 
+import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig, GRPOTrainer
 
-from quill.config import DataArguments, ModelArguments, RunArguments, parse_stage_args
+from quill.arguments import DataArguments, ModelArguments, RunArguments
 from quill.data.tasks import reward_fn
-from quill.errors import QuillError
-from quill.evaluation import task_accuracy
-from quill.models import check_model_path
+from quill.errors import QuillError, run_guarded
+from quill.loading import check_model_path
+from quill.metrics import task_accuracy
+from quill.options import parse_stage_args
 from quill.stages.common import load_stage_data, load_task_eval, run_stage, start_stage
 
 
 @dataclass
 class RLConfig(GRPOConfig):
-    reward_model_path: str | None = field(default=None, metadata={"help": "Reward-model folder or Hub id (the reward stage's output)."})
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "Reward-model folder or Hub id (the reward stage's output)."}
+    )
     verifiable_reward: bool = field(default=True, metadata={"help": "Also reward with each task's own answer scorer."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        # GRPO trains on a buffer of completions generated every `period` optimizer steps; the buffer is not part of
+        # a checkpoint, so a checkpoint inside it would resume into a different run than the uninterrupted one.
+        period = self.steps_per_generation * self.num_iterations / self.gradient_accumulation_steps
+        if self.save_strategy == "steps" and period > 1 and self.save_steps >= 1 and self.save_steps % period:
+            aligned = int(math.ceil(self.save_steps / period) * period)
+            raise QuillError(
+                f"save_steps={self.save_steps:g} would checkpoint inside a GRPO generation buffer, which spans "
+                f"{period:g} optimizer steps (steps_per_generation x num_iterations / gradient_accumulation_steps), "
+                "so a resume would not continue the same run",
+                f"set save_steps to a multiple of {period:g}, e.g. save_steps: {aligned}",
+            )
 
 
 ARG_TYPES = (DataArguments, ModelArguments, RLConfig, RunArguments)
@@ -69,8 +87,6 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: RLConfig, 
 
 
 def main(argv=None):
-    from quill.cli import run_guarded
-
     run_guarded(lambda: train(*parse_stage_args(ARG_TYPES, argv)))
 
 

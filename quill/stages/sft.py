@@ -9,8 +9,10 @@ conversation's attention to itself (stock sdpa would need an LxL mask, or leak i
 
 from trl import SFTConfig, SFTTrainer
 
-from quill.config import DataArguments, ModelArguments, RunArguments, parse_stage_args
-from quill.evaluation import task_accuracy
+from quill.arguments import DataArguments, ModelArguments, RunArguments
+from quill.errors import run_guarded
+from quill.metrics import task_accuracy
+from quill.options import parse_stage_args
 from quill.stages.common import load_stage_data, load_task_eval, report_overlong, run_stage, start_stage
 
 ARG_TYPES = (DataArguments, ModelArguments, SFTConfig, RunArguments)
@@ -44,8 +46,6 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: SFTConfig,
 
 
 def main(argv=None):
-    from quill.cli import run_guarded
-
     run_guarded(lambda: train(*parse_stage_args(ARG_TYPES, argv)))
 
 

@@ -6,15 +6,15 @@ The saved folder (tokenizer.json, tokenizer_config.json, chat_template.jinja) is
 model and its tokenizer always agree. metrics.json records compression (UTF-8 bytes per token) on held-out text.
 """
 
-import json
 from dataclasses import dataclass, field
 
-from quill.checkpoint import prepare_output_dir
-from quill.markers import is_stage_done, mark_stage_done
-from quill.config import DataArguments, RunArguments, parse_stage_args
+from quill.arguments import DataArguments, RunArguments
 from quill.data.tokenizer import CHAT_TEMPLATE, bytes_per_token, train_tokenizer
-from quill.models import load_tokenizer, read_json
-from quill.stages.common import load_stage_data, log
+from quill.errors import run_guarded
+from quill.loading import load_tokenizer
+from quill.options import parse_stage_args
+from quill.output import clear_for_overwrite, finish_folder, read_json, write_json
+from quill.stages.common import is_main_process, load_stage_data, log, open_stage, push_stage
 
 
 @dataclass
@@ -31,30 +31,37 @@ ARG_TYPES = (DataArguments, TokenizerConfig, RunArguments)
 
 
 def train(data_args: DataArguments, args: TokenizerConfig, run: RunArguments) -> dict:
-    out = prepare_output_dir(run.output_dir or "outputs/tokenizer", overwrite=run.overwrite)
-    if is_stage_done(out):
-        log(f"tokenizer: already finished in {out}; skipping (set overwrite=true to redo it)")
+    out, fingerprint, held, finished = open_stage("tokenizer", (data_args, args, run), run)
+    if finished:
         return read_json(out / "metrics.json")
-    splits = load_stage_data(data_args, "pretrain")
-    if args.tokenizer_name_or_path:
-        tokenizer = load_tokenizer(args.tokenizer_name_or_path)
-        if tokenizer.chat_template is None:
-            tokenizer.chat_template = CHAT_TEMPLATE  # later stages talk in chat; give it Quill's template
-    else:
-        texts = splits["train"]["text"][: args.max_train_documents]
-        log(f"tokenizer: training a {args.vocab_size}-token BPE on {len(texts)} documents")
-        tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
-    metrics = {"vocab_size": len(tokenizer), "bytes_per_token": bytes_per_token(tokenizer, splits["eval"]["text"])}
-    tokenizer.save_pretrained(out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    mark_stage_done(out, {"stage": "tokenizer"})
+    with held:
+        splits = load_stage_data(data_args, "pretrain")
+        if args.tokenizer_name_or_path:
+            tokenizer = load_tokenizer(args.tokenizer_name_or_path)
+            if tokenizer.chat_template is None:
+                tokenizer.chat_template = CHAT_TEMPLATE  # later stages talk in chat; give it Quill's template
+        else:
+            texts = splits["train"]["text"][: args.max_train_documents]
+            log(f"tokenizer: training a {args.vocab_size}-token BPE on {len(texts)} documents")
+            tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+        held_out = splits["eval"]["text"]
+        metrics = {"vocab_size": len(tokenizer), "bytes_per_token": bytes_per_token(tokenizer, held_out)}
+        if run.overwrite:
+            clear_for_overwrite(out)
+
+        def write_files(folder):
+            tokenizer.save_pretrained(folder)
+            write_json(folder / "metrics.json", metrics)
+
+        if is_main_process():
+            finish_folder(out, write_files, {"stage": "tokenizer", "fingerprint": fingerprint}, weights=False)
     log(f"tokenizer: {metrics['vocab_size']} tokens, {metrics['bytes_per_token']:.2f} bytes/token -> {out}")
+    if run.push_to_hub:
+        push_stage(out, run, "tokenizer")
     return metrics
 
 
 def main(argv=None):
-    from quill.cli import run_guarded
-
     run_guarded(lambda: train(*parse_stage_args(ARG_TYPES, argv)))
 
 

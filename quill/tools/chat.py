@@ -13,9 +13,10 @@ import sys
 
 import torch
 
-from quill.errors import QuillError
-from quill.evaluation import cut_at_stop, load_on_device, model_kind, pad_token_id, prompt_ids, stop_ids
-from quill.models import check_model_path, load_tokenizer
+from quill.errors import QuillError, run_guarded
+from quill.loading import CAUSAL_LM, CLASSIFIER, check_model_path, load_tokenizer
+from quill.metrics import cut_at_stop, generation_stops, pad_token_id, prompt_ids
+from quill.tools.eval import load_on_device, model_kind
 
 PROMPT = "you> "
 REPLY = "model> "
@@ -32,13 +33,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def load_chat_model(path: str, trust_remote_code: bool):
     check_model_path(path)
-    if model_kind(path, trust_remote_code) == "reward":
-        raise QuillError(f"'{path}' is a reward model (it scores text, it does not write it)",
-                         fix="chat with a causal-LM stage folder, e.g. sft/, dpo/ or rl/")
+    if model_kind(path, trust_remote_code) == CLASSIFIER:
+        raise QuillError(
+            f"'{path}' is a reward model (it scores text, it does not write it)",
+            fix="chat with a causal-LM stage folder, e.g. sft/, dpo/ or rl/",
+        )
     tokenizer = load_tokenizer(path, trust_remote_code)
     if not tokenizer.chat_template:
         raise QuillError(f"the tokenizer of '{path}' has no chat template", fix="chat with a model trained by SFT")
-    return load_on_device(path, tokenizer, "causal-lm", trust_remote_code), tokenizer
+    return load_on_device(path, tokenizer, CAUSAL_LM, trust_remote_code), tokenizer
 
 
 def generation_config(model, tokenizer, max_new_tokens: int):
@@ -46,7 +49,7 @@ def generation_config(model, tokenizer, max_new_tokens: int):
     config = copy.deepcopy(model.generation_config)
     config.max_new_tokens = max_new_tokens
     config.max_length = None  # max_new_tokens governs; a saved max_length would cut long conversations short
-    config.eos_token_id = stop_ids(model, tokenizer)
+    config.eos_token_id = generation_stops(model, tokenizer)
     config.pad_token_id = pad_token_id(tokenizer)
     return config
 
@@ -71,8 +74,9 @@ def reply(model, tokenizer, history: list[dict], config) -> str:
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     print(REPLY, end="", flush=True)
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             generation_config=config, streamer=streamer)
+        out = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config, streamer=streamer
+        )
     new = cut_at_stop(out[0, input_ids.shape[1] :].tolist(), config.eos_token_id)
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
@@ -113,8 +117,6 @@ def chat(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from quill.cli import run_guarded
-
     run_guarded(lambda: chat(argv))
 
 

@@ -1,9 +1,10 @@
-"""The report card of a finished (or partly finished) run: one table, three plots.
+"""`quill report`: the report card of a finished (or partly finished) run: one table, three plots, the recipe.
 
     quill report RUN_DIR      ->  RUN_DIR/report.md, training_loss.png, eval_metrics.png, rl_reward.png
 
-Reads what each stage wrote into its folder (`metrics.json`, and `training_log.json`, the Trainer's log_history);
-nothing is recomputed, so a report takes a second and works on a copy of the run without its weights.
+Reads what each stage wrote into its folder (`metrics.json`, and `training_log.json`, the Trainer's log_history)
+and the run record `quill_run.json`; nothing is recomputed and no model library is imported, so a report takes a
+second and works on a copy of the run without its weights.
 """
 
 import argparse
@@ -15,24 +16,50 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quill.markers import MARKER
-from quill.errors import QuillError
-from quill.models import read_json
+from quill.errors import QuillError, run_guarded
+from quill.output import MARKER, read_json
+from quill.stages import STAGES
 
-STAGE_ORDER = ("tokenizer", "pretrain", "sft", "dpo", "reward", "rl")
+RUN_RECORD = "quill_run.json"  # written by quill.runner (not imported: it would pull in the planner)
 # Cost rows, after the quality metrics, in this order.
-COST_KEYS = ("train_loss", "train_steps", "wall_seconds", "train_runtime", "tokens_seen", "tokens_per_second",
-             "peak_memory_mb", "device", "world_size")
+COST_KEYS = (
+    "train_loss",
+    "train_steps",
+    "wall_seconds",
+    "train_runtime",
+    "tokens_seen",
+    "tokens_per_second",
+    "peak_memory_mb",
+    "device",
+    "world_size",
+)
 # Held-out metrics worth a panel in eval_metrics.png (whichever exist).
-PLOTTED = ("task_accuracy", "eval_loss", "bits_per_byte", "preference_accuracy", "dpo_reward_accuracy",
-           "mean_reward", "bytes_per_token")
-PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "evaluate",
-            "reasoning-gym", "quill")
+PLOTTED = (
+    "task_accuracy",
+    "eval_loss",
+    "bits_per_byte",
+    "preference_accuracy",
+    "dpo_reward_accuracy",
+    "mean_reward",
+    "bytes_per_token",
+)
+PACKAGES = (
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "datasets",
+    "accelerate",
+    "tokenizers",
+    "evaluate",
+    "reasoning-gym",
+    "quill",
+)
 MISSING = "—"
 
 
 @dataclass
-class StageResult:
+class StageReport:
     name: str
     folder: Path
     metrics: dict = field(default_factory=dict)
@@ -40,7 +67,7 @@ class StageResult:
     done: bool = False
 
 
-def load_stages(run_dir: Path) -> list[StageResult]:
+def load_stages(run_dir: Path) -> list[StageReport]:
     """Every stage folder of the run that wrote metrics or a log: the known stages in pipeline order, then others."""
     folders = [p for p in sorted(run_dir.iterdir()) if p.is_dir()] if run_dir.is_dir() else []
     found = []
@@ -48,8 +75,8 @@ def load_stages(run_dir: Path) -> list[StageResult]:
         metrics, log = read_json(folder / "metrics.json"), _read_list(folder / "training_log.json")
         if metrics or log:
             stage = read_json(folder / MARKER)
-            found.append(StageResult(folder.name, folder, metrics, log, stage.get("done") is True))
-    rank = {name: i for i, name in enumerate(STAGE_ORDER)}
+            found.append(StageReport(folder.name, folder, metrics, log, stage.get("done") is True))
+    rank = {name: i for i, name in enumerate(STAGES)}
     return sorted(found, key=lambda s: (rank.get(s.name, len(rank)), s.name))
 
 
@@ -64,7 +91,7 @@ def _read_list(path: Path) -> list:
 # -- the table -------------------------------------------------------------------------------------------------
 
 
-def metric_rows(stages: list[StageResult]) -> list[str]:
+def metric_rows(stages: list[StageReport]) -> list[str]:
     """Quality metrics first (each `<m>_before` right above `<m>`, so a stage's gain reads top to bottom), then cost."""
     keys = list(dict.fromkeys(k for s in stages for k in s.metrics))
     quality = [k for k in keys if k not in COST_KEYS]
@@ -89,7 +116,7 @@ def fmt(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def metrics_table(stages: list[StageResult]) -> str:
+def metrics_table(stages: list[StageReport]) -> str:
     header = ["metric"] + [s.name if s.done else f"{s.name} (unfinished)" for s in stages]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key in metric_rows(stages):
@@ -111,15 +138,8 @@ def cpu_model() -> str:
 
 
 def hardware() -> dict:
-    info = {"CPU": cpu_model(), "CPU cores": os.cpu_count(), "platform": platform.platform()}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            info["GPU"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
-    except ImportError:
-        pass
-    return info
+    """Where this report was written (each stage's own `device` and `world_size` are rows of the table)."""
+    return {"CPU": cpu_model(), "CPU cores": os.cpu_count(), "platform": platform.platform()}
 
 
 def versions() -> dict:
@@ -158,7 +178,7 @@ def _line_chart(series: dict[str, list[tuple]], path: Path, xlabel: str, ylabel:
     plt.close(fig)
 
 
-def plot_training_loss(stages: list[StageResult], path: Path) -> bool:
+def plot_training_loss(stages: list[StageReport], path: Path) -> bool:
     series = {s.name: [(r["step"], r["loss"]) for r in s.log if "loss" in r and "step" in r] for s in stages}
     series = {k: v for k, v in series.items() if v}
     if not series:
@@ -167,7 +187,7 @@ def plot_training_loss(stages: list[StageResult], path: Path) -> bool:
     return True
 
 
-def plot_eval_metrics(stages: list[StageResult], path: Path) -> bool:
+def plot_eval_metrics(stages: list[StageReport], path: Path) -> bool:
     """One panel per held-out metric: its value before (light) and after (dark) each stage that measured it."""
     panels = [m for m in PLOTTED if any(_num(s.metrics.get(m)) is not None for s in stages)]
     if not panels:
@@ -191,16 +211,21 @@ def plot_eval_metrics(stages: list[StageResult], path: Path) -> bool:
     return True
 
 
-def plot_rl_reward(stages: list[StageResult], path: Path) -> bool:
+def plot_rl_reward(stages: list[StageReport], path: Path) -> bool:
     """Reward during RL: `reward` (the total) and each `rewards/<func>/mean` from the rl stage's log_history."""
     rl = next((s for s in stages if s.name == "rl"), None)
     if rl is None:
         return False
-    keys = [k for k in dict.fromkeys(k for r in rl.log for k in r) if k == "reward" or
-            (k.startswith("rewards/") and not k.endswith("/std"))]
+    keys = [
+        k
+        for k in dict.fromkeys(k for r in rl.log for k in r)
+        if k == "reward" or (k.startswith("rewards/") and not k.endswith("/std"))
+    ]
     if not keys:
         return False
-    series = {key: [(r["step"], r[key]) for r in rl.log if _num(r.get(key)) is not None and "step" in r] for key in keys}
+    series = {
+        key: [(r["step"], r[key]) for r in rl.log if _num(r.get(key)) is not None and "step" in r] for key in keys
+    }
     _line_chart(series, path, "step", "mean reward", "Reward during RL")
     return True
 
@@ -218,8 +243,10 @@ def write_report(run_dir) -> Path:
         raise QuillError(f"run folder '{run_dir}' not found", fix="pass the output folder of a `quill run`")
     stages = load_stages(run_dir)
     if not stages:
-        raise QuillError(f"run folder '{run_dir}' has no stage folders with metrics.json or training_log.json",
-                         fix="run at least one stage first (its output_dir must be inside the run folder)")
+        raise QuillError(
+            f"run folder '{run_dir}' has no stage folders with metrics.json or training_log.json",
+            fix="run at least one stage first (its output_dir must be inside the run folder)",
+        )
     plots = {
         "training_loss.png": ("Training loss", plot_training_loss),
         "eval_metrics.png": ("Held-out metrics per stage", plot_eval_metrics),
@@ -236,9 +263,9 @@ def write_report(run_dir) -> Path:
     return out
 
 
-def render(run_dir: Path, stages: list[StageResult], images: list[str]) -> str:
+def render(run_dir: Path, stages: list[StageReport], images: list[str]) -> str:
     present = {s.name for s in stages}
-    absent = [n for n in STAGE_ORDER if n not in present]
+    absent = [n for n in STAGES if n not in present]
     wall = sum(_num(s.metrics.get("wall_seconds")) or 0 for s in stages)
     tokens = sum(_num(s.metrics.get("tokens_seen")) or 0 for s in stages)
     parts = [
@@ -274,10 +301,30 @@ def render(run_dir: Path, stages: list[StageResult], images: list[str]) -> str:
 
 
 def recipe_section(run_dir: Path) -> str:
-    recipe = run_dir / "recipe.yaml"
-    if not recipe.exists():
-        return f"No `recipe.yaml` in `{run_dir}` (stages run one by one keep their own configs)."
-    return f"Copied from `{recipe}`:\n\n```yaml\n{recipe.read_text(encoding='utf-8').rstrip()}\n```"
+    """The recipe as the last `quill run` of this folder ran it: its recipe.yaml, overrides and stage configs."""
+    record = read_json(run_dir / RUN_RECORD)
+    if not record.get("recipe_yaml"):
+        return f"No `{RUN_RECORD}` in this folder: its stages were run one by one, each with its own config."
+    overrides = " ".join(f"`{o}`" for o in record.get("overrides") or []) or "none"
+    parts = [
+        f"Recipe `{record.get('name')}` ({record.get('recipe')}), run {record.get('started_at')}; "
+        f"overrides: {overrides}.",
+        "",
+        "```yaml",
+        record["recipe_yaml"].rstrip(),
+        "```",
+    ]
+    for stage in record.get("stages") or []:
+        if stage.get("config"):
+            parts += [
+                "",
+                f"`{stage['name']}` ({stage.get('status', 'not run')}):",
+                "",
+                "```yaml",
+                stage["config"].rstrip(),
+                "```",
+            ]
+    return "\n".join(parts)
 
 
 # -- CLI -------------------------------------------------------------------------------------------------------
@@ -292,8 +339,6 @@ def run(argv: list[str] | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from quill.cli import run_guarded
-
     run_guarded(lambda: run(argv))
 
 

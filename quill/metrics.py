@@ -1,42 +1,21 @@
-"""Held-out metrics: the numbers each stage records at its end, and `quill eval` on any Hub-format model.
-
-    quill eval MODEL_OR_DIR [--data-dir D] [--limit N] [--output FILE] [--trust-remote-code]
+"""Held-out metrics that stages record and tools report: loss and bits per byte on text, greedy task accuracy,
+reward-model and DPO preference accuracy, and the generation helpers they share.
 
 Every function here runs under `torch.no_grad()` in eval mode (the model's mode is restored afterwards), batches its
 inputs, and generates greedily with a bounded `max_new_tokens`, so a stage can call it before and after training.
-
-- `heldout_loss`: nats per token and bits per byte on held-out text.
-- `task_accuracy`: greedy answers to held-out task questions, scored by the task's own reasoning-gym scorer.
-- `reward_preference_accuracy`: how often a reward model scores the chosen answer above the rejected one.
-- `dpo_preference_accuracy`: the same with DPO's implicit reward beta * (log p_policy - log p_reference).
-- `mean_reward`: the mean reward (TRL reward-function signature) of greedy completions, for RL models.
-
-The `evaluate` library is not used: all its metrics (even "accuracy") are scripts fetched from the Hub at
-`evaluate.load()` time, which fails offline, and the metrics here are one-line means anyway.
+The `evaluate` library is not used: its metrics are scripts fetched from the Hub at `evaluate.load()` time, which
+fails offline, and the metrics here are means of per-example scores anyway.
 """
 
-import argparse
-import json
 import math
-import sys
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from quill.errors import QuillError, first_line
-from quill.markers import MARKER
-from quill.models import check_model_path, load_model, load_tokenizer, read_json
-
-# Rows `quill eval` scores from the default data when --limit is not given: enough to compare stages, quick on CPU.
-DEFAULT_EVAL_ROWS = {"pretrain_eval": None, "rl_eval": 200, "dpo_eval": 100}
-EVAL_FILES = ("pretrain_eval", "rl_eval", "dpo_eval")
-STAGES = ("pretrain", "sft", "dpo", "reward", "rl")
-
+from quill.data.tokenizer import stop_token_ids
+from quill.errors import QuillError
 
 # -- small helpers ---------------------------------------------------------------------------------------------
 
@@ -77,13 +56,11 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def stop_ids(model, tokenizer) -> list[int]:
-    """End of an assistant turn or of text: generation_config's eos ids, `<|end|>` if the vocabulary has it, eos."""
+def generation_stops(model, tokenizer) -> list[int]:
+    """Where a reply ends: the model's generation_config eos ids, then the tokenizer's end-of-turn ids."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
-    ids += [end if end != tokenizer.unk_token_id else None, tokenizer.eos_token_id]
-    return list(dict.fromkeys(i for i in ids if isinstance(i, int)))
+    return list(dict.fromkeys(i for i in ids + stop_token_ids(tokenizer) if isinstance(i, int)))
 
 
 def cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:
@@ -102,8 +79,10 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]
     if not tokenizer.chat_template:
-        raise QuillError("the tokenizer has no chat template, so chat prompts cannot be rendered",
-                         fix="use a tokenizer with a chat_template (Quill's tokenizer stage adds one)")
+        raise QuillError(
+            "the tokenizer has no chat template, so chat prompts cannot be rendered",
+            fix="use a tokenizer with a chat_template (Quill's tokenizer stage adds one)",
+        )
     text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
 
@@ -111,8 +90,9 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
 def _tokenize(tokenizer, content, **template_kwargs) -> list[int]:
     if isinstance(content, str):
         return tokenizer(content)["input_ids"]
-    return tokenizer(tokenizer.apply_chat_template(content, tokenize=False, **template_kwargs),
-                     add_special_tokens=False)["input_ids"]
+    return tokenizer(
+        tokenizer.apply_chat_template(content, tokenize=False, **template_kwargs), add_special_tokens=False
+    )["input_ids"]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -189,7 +169,7 @@ def heldout_loss(model, tokenizer, texts: list[str], max_length: int = 256, batc
 def generate_completions(model, tokenizer, prompts: list, max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
     """Greedy completions of `prompts` (chat message lists or strings), cut at the first stop token, decoded."""
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    stops = stop_ids(model, tokenizer)
+    stops = generation_stops(model, tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     texts = [""] * len(encoded)
     device, pad = _device(model), pad_token_id(tokenizer)
@@ -197,8 +177,14 @@ def generate_completions(model, tokenizer, prompts: list, max_new_tokens: int = 
         for batch in _batches(order, batch_size):
             # Left padding: every row's prompt ends at the same column, so new tokens line up after it.
             input_ids, mask = _pad([encoded[i] for i in batch], pad, "left", device)
-            out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad)
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stops,
+                pad_token_id=pad,
+            )
             for i, row in zip(batch, out[:, input_ids.shape[1] :].tolist(), strict=True):
                 texts[i] = tokenizer.decode(cut_at_stop(row, stops), skip_special_tokens=True)
     return texts
@@ -240,20 +226,14 @@ def reward_metrics(rows: list[dict], completions: list[str], reward_funcs: list 
     totals = [0.0] * len(rows)
     metrics = {}
     for func in funcs:
-        values = [0.0 if v is None else float(v) for v in func(completions=shaped, prompts=[r["prompt"] for r in rows],
-                                                                 **columns)]
+        values = [
+            0.0 if v is None else float(v)
+            for v in func(completions=shaped, prompts=[r["prompt"] for r in rows], **columns)
+        ]
         totals = [t + v for t, v in zip(totals, values, strict=True)]
         if len(funcs) > 1:
             metrics[f"reward_{getattr(func, '__name__', 'func')}"] = sum(values) / len(values)
     return {"mean_reward": sum(totals) / len(totals), **metrics}
-
-
-def mean_reward(model, tokenizer, rows: list[dict], reward_funcs: list | None = None, max_new_tokens: int = 32,
-                batch_size: int = 16) -> dict:
-    """Mean reward of greedy completions; default reward: the tasks' own scorers (partial credit included)."""
-    rows = list(rows)
-    completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
-    return reward_metrics(rows, completions, reward_funcs)
 
 
 # -- preferences -----------------------------------------------------------------------------------------------
@@ -283,7 +263,9 @@ def reward_preference_accuracy(reward_model, tokenizer, pairs: list[dict], batch
     return {"preference_accuracy": (margin > 0).float().mean().item(), "reward_margin": margin.mean().item()}
 
 
-def completion_logps(model, tokenizer, examples: list[tuple[list[int], list[int]]], batch_size: int = 16) -> torch.Tensor:
+def completion_logps(
+    model, tokenizer, examples: list[tuple[list[int], list[int]]], batch_size: int = 16
+) -> torch.Tensor:
     """Summed log-probabilities of each completion given its prompt; examples are (prompt ids, completion ids)."""
     device, out = _device(model), []
     for batch in _batches(examples, batch_size):
@@ -297,8 +279,9 @@ def completion_logps(model, tokenizer, examples: list[tuple[list[int], list[int]
     return torch.cat(out)
 
 
-def dpo_preference_accuracy(policy, reference, tokenizer, pairs: list[dict], beta: float = 0.1,
-                            batch_size: int = 16) -> dict:
+def dpo_preference_accuracy(
+    policy, reference, tokenizer, pairs: list[dict], beta: float = 0.1, batch_size: int = 16
+) -> dict:
     """DPO's implicit reward r = beta * (log p_policy - log p_reference), summed over the completion tokens.
 
     Accuracy: fraction of pairs with r(chosen) > r(rejected) (TRL's `rewards/accuracies`; 0 before training,
@@ -307,8 +290,9 @@ def dpo_preference_accuracy(policy, reference, tokenizer, pairs: list[dict], bet
     split = [preference_ids(tokenizer, p) for p in pairs]
     examples = {"chosen": [(p, c) for p, c, _ in split], "rejected": [(p, r) for p, _, r in split]}
     if reference is None and not hasattr(policy, "disable_adapter"):
-        raise QuillError("dpo_preference_accuracy: no reference model given",
-                         fix="pass the starting (SFT) model as the reference")
+        raise QuillError(
+            "dpo_preference_accuracy: no reference model given", fix="pass the starting (SFT) model as the reference"
+        )
     rewards = {}
     for side, ex in examples.items():
         with _inference(policy):
@@ -320,191 +304,3 @@ def dpo_preference_accuracy(policy, reference, tokenizer, pairs: list[dict], bet
         rewards[side] = beta * (logp_policy - logp_ref)
     margin = rewards["chosen"] - rewards["rejected"]
     return {"dpo_reward_accuracy": (margin > 0).float().mean().item(), "dpo_reward_margin": margin.mean().item()}
-
-
-# -- eval data -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalData:
-    folder: Path
-    texts: list[str] = field(default_factory=list)  # pretrain_eval {text}
-    task_rows: list[dict] = field(default_factory=list)  # rl_eval {prompt, task, answer, metadata}
-    pairs: list[dict] = field(default_factory=list)  # dpo_eval {prompt, chosen, rejected, task}
-
-
-def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise QuillError(f"{path}:{n}: not valid JSON ({err.msg})", fix="fix or regenerate the file") from None
-    return rows
-
-
-def default_eval_dir() -> Path:
-    """The embedded default data's folder, the same one `quill:default/...` recipes train from (built once)."""
-    from quill.data import builtin
-
-    return Path(builtin.resolve("quill:default/rl_eval")).parent
-
-
-def load_eval_data(data_dir=None, limit: int | None = None) -> EvalData:
-    """pretrain_eval.jsonl, rl_eval.jsonl and dpo_eval.jsonl from `data_dir` (default: the default data), `limit` rows each."""
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise QuillError(f"eval data folder '{data_dir}' not found", fix="pass --data-dir a folder made by the data step")
-    folder = Path(data_dir) if data_dir is not None else default_eval_dir()
-    rows = {name: limit if limit is not None or data_dir is not None else DEFAULT_EVAL_ROWS[name] for name in EVAL_FILES}
-    texts = [r["text"] for r in _read_jsonl(folder / "pretrain_eval.jsonl", rows["pretrain_eval"]) if r.get("text")]
-    data = EvalData(folder, texts, _read_jsonl(folder / "rl_eval.jsonl", rows["rl_eval"]),
-                    _read_jsonl(folder / "dpo_eval.jsonl", rows["dpo_eval"]))
-    if not (data.texts or data.task_rows or data.pairs):
-        raise QuillError(f"eval data folder '{folder}' has none of {', '.join(f + '.jsonl' for f in EVAL_FILES)}",
-                         fix="pass --data-dir a folder with held-out files in the default data's layout")
-    return data
-
-
-# -- any model folder or Hub id --------------------------------------------------------------------------------
-
-
-def model_kind(path: str, trust_remote_code: bool = False) -> str:
-    """'reward' for a sequence classifier (config architectures), else 'causal-lm'."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise QuillError(f"model '{path}' could not be loaded ({first_line(err)})",
-                         fix="pass a model folder or Hub id (add --trust-remote-code for custom code)") from err
-    archs = getattr(config, "architectures", None) or []
-    return "reward" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal-lm"
-
-
-def stage_info(path: str) -> tuple[str | None, str | None]:
-    """(stage, base model) of a Quill stage folder: the completion marker, else the model card's front matter."""
-    folder = Path(path)
-    stage = read_json(folder / MARKER).get("stage")
-    try:
-        card = (folder / "README.md").read_text(encoding="utf-8")
-    except OSError:
-        card = ""
-    front = card.split("---")[1].splitlines() if card.startswith("---") and card.count("---") >= 2 else []
-    base = None
-    for line in front:
-        if line.startswith("base_model:"):
-            base = line.split(":", 1)[1].strip()
-        elif stage is None and line.startswith("- ") and line[2:].strip() in STAGES:  # the card's tags
-            stage = line[2:].strip()
-    return stage, base
-
-
-def _resolve_base(model_dir: Path, base: str | None) -> str | None:
-    """The DPO reference: the card's base_model as written (relative to the cwd of the run), else a sibling folder."""
-    if not base:
-        return None
-    for candidate in (Path(base), model_dir.parent / Path(base).name):
-        if (candidate / "config.json").exists():
-            return str(candidate)
-    return None
-
-
-def load_on_device(path: str, tokenizer, task: str, trust_remote_code: bool):
-    args = SimpleNamespace(model_name_or_path=path, dtype="float32", attn_implementation=None,
-                           trust_remote_code=trust_remote_code)
-    model = load_model(args, tokenizer, task=task)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-
-
-def evaluate_model(model_name_or_path: str, data_dir=None, limit: int | None = None, trust_remote_code: bool = False,
-                   max_new_tokens: int = 32) -> dict:
-    """Every metric that applies to this model: a reward model gets preference accuracy; a causal LM gets held-out
-    loss / bits per byte and task accuracy, plus mean reward (RL stage) or DPO implicit-reward accuracy (DPO stage
-    whose base model folder is found)."""
-    path = str(model_name_or_path)
-    check_model_path(path)
-    kind = model_kind(path, trust_remote_code)
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    data = load_eval_data(data_dir, limit)
-    model = load_on_device(path, tokenizer, kind, trust_remote_code)
-    if kind == "reward":
-        if not data.pairs:
-            raise QuillError(f"a reward model needs preference pairs; '{data.folder}' has no dpo_eval.jsonl")
-        return reward_preference_accuracy(model, tokenizer, data.pairs)
-
-    metrics = heldout_loss(model, tokenizer, data.texts) if data.texts else {}
-    stage, base = stage_info(path) if Path(path).is_dir() else (None, None)
-    if data.task_rows and tokenizer.chat_template:
-        completions = generate_completions(model, tokenizer, [r["prompt"] for r in data.task_rows], max_new_tokens)
-        metrics.update(score_completions(data.task_rows, completions))
-        if stage == "rl":
-            metrics.update(reward_metrics(data.task_rows, completions))
-    elif data.task_rows:
-        _note("task accuracy skipped: the tokenizer has no chat template")
-    reference_path = _resolve_base(Path(path), base) if stage == "dpo" and data.pairs else None
-    if reference_path:
-        reference = load_on_device(reference_path, tokenizer, "causal-lm", trust_remote_code)
-        metrics.update(dpo_preference_accuracy(model, reference, tokenizer, data.pairs))
-    elif stage == "dpo":
-        _note(f"DPO implicit-reward accuracy skipped: base model '{base}' not found")
-    return metrics
-
-
-def _note(msg: str) -> None:
-    print(f"[quill] eval: {msg}", file=sys.stderr, flush=True)
-
-
-# -- CLI -------------------------------------------------------------------------------------------------------
-
-
-def format_table(metrics: dict) -> str:
-    width = max([len("metric")] + [len(k) for k in metrics])
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 10}"]
-    for key, value in metrics.items():
-        lines.append(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
-    return "\n".join(lines)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quill eval", description="Held-out metrics of a model folder or Hub id.")
-    p.add_argument("model", help="model folder (any stage's output, or any Hub-format folder) or Hub id")
-    p.add_argument("--data-dir", help="folder with pretrain_eval/rl_eval/dpo_eval.jsonl (default: the default data)")
-    p.add_argument("--limit", type=int, help="use at most N rows of each eval file")
-    p.add_argument("--output", help="JSON file for the results (default: eval_results.json in the model folder)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="generation budget per task answer")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modeling code to run")
-    return p
-
-
-def run(argv: list[str] | None = None) -> dict:
-    args = _parser().parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise QuillError(f"--limit expected a positive number of rows, found {args.limit}")
-    metrics = evaluate_model(args.model, args.data_dir, args.limit, args.trust_remote_code, args.max_new_tokens)
-    print(format_table(metrics), flush=True)
-    output = Path(args.output) if args.output else (Path(args.model) if Path(args.model).is_dir() else Path.cwd())
-    output = output / "eval_results.json" if not args.output else output
-    result = {"model": args.model, "data_dir": args.data_dir, "limit": args.limit, "metrics": metrics}
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=1))
-    except OSError as err:
-        raise QuillError(f"could not write '{output}' ({err.strerror})", fix="pass --output a writable file") from err
-    print(f"saved {output}", file=sys.stderr)
-    return metrics
-
-
-def main(argv: list[str] | None = None) -> None:
-    from quill.cli import run_guarded
-
-    run_guarded(lambda: run(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,130 @@
+"""The Hub side of a finished folder: its model card, and the push.
+
+The card's front matter follows the Hub's metadata rules, which the Hub checks on every commit that touches
+README.md: `base_model` and `datasets` hold Hub ids only (a local path is refused, and would publish the user's
+home folder), `pipeline_tag` is one of the Hub's tasks. Local sources are described without their paths.
+The push retries what can pass on a retry (network errors, 429, 5xx) and fails at once, in one line, otherwise.
+"""
+
+import re
+import time
+from pathlib import Path
+
+from quill.errors import QuillError, one_line
+
+# A Hub repo id: `name` or `namespace/name`; letters, digits, '-', '_', '.'; no '--' or '..'; at most 96 characters.
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
+PUSH_IGNORE = ["checkpoints/*", ".*", "quill_stage.json"]
+
+
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` can only be a Hub repo id: the Hub's id syntax, and no local file or folder of that name."""
+    if not isinstance(name, str) or len(name) > 96 or "--" in name or ".." in name or name.endswith(".git"):
+        return False
+    return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
+def model_card(
+    *,
+    stage: str,
+    base_model: str | None,
+    datasets: list[str],
+    metrics: dict,
+    hub_model_id: str | None = None,
+    classifier: bool = False,
+) -> str:
+    """A Hub model card: what this checkpoint is, where it came from, what it scored, and how to load it."""
+    hub_base = base_model if is_hub_id(base_model) else None
+    hub_datasets = [d for d in datasets if is_hub_id(d)]
+    task = "text-classification" if classifier else "text-generation"
+    front = ["---", "library_name: transformers", f"pipeline_tag: {task}", "tags:", "- quill", f"- {stage}"]
+    if hub_base:
+        front.append(f"base_model: {hub_base}")
+    if hub_datasets:
+        front += ["datasets:"] + [f"- {d}" for d in hub_datasets]
+    front.append("---")
+    origin = hub_base or ("trained from scratch" if not base_model else "a local model (its path is not published)")
+    data = [d if is_hub_id(d) or d.startswith("quill:") else "a local dataset" for d in datasets]
+    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    repo = hub_model_id or "path/to/this/folder"
+    example = "[{'role': 'user', 'content': 'What is 3 + 4?'}]" + (", max_new_tokens=32" if not classifier else "")
+    return (
+        "\n".join(front)
+        + f"""
+
+# Quill — {stage} stage
+
+A Quill decoder-only language model after the **{stage}** stage of a Quill pipeline run.
+
+- Base model: {origin}
+- Data: {", ".join(dict.fromkeys(data)) or "n/a"}
+
+## Metrics (held-out)
+
+| metric | value |
+|---|---|
+{rows}
+
+## Use
+
+Quill's modeling code ships in this folder, so loading runs it as remote code (`trust_remote_code=True`);
+with Quill installed, `import quill.model` first and it loads with the installed code, no flag needed.
+
+```python
+from transformers import pipeline
+pipe = pipeline("{task}", model="{repo}", trust_remote_code=True)
+print(pipe({example}))
+```
+"""
+    )
+
+
+def _status(err: Exception) -> int | None:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _retryable(err: Exception) -> bool:
+    status = _status(err)
+    return status is None or status == 429 or status >= 500  # no status: a connection that never answered
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    private: bool | None = None,
+    revision: str | None = None,
+    attempts: int = 3,
+    wait: float = 2.0,
+) -> str:
+    """Upload a finished folder (not its checkpoints or markers) to `repo_id`, on branch `revision` if given.
+
+    The token comes from the environment (HF_TOKEN) or `hf auth login`'s file, never from an argument."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    for attempt in range(1, attempts + 1):
+        try:
+            api.create_repo(repo_id, exist_ok=True, private=bool(private))
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(
+                folder_path=str(folder),
+                repo_id=repo_id,
+                revision=revision,
+                ignore_patterns=PUSH_IGNORE,
+                commit_message="Upload Quill checkpoint",
+            )
+            return getattr(info, "commit_url", repo_id)
+        except Exception as err:  # network and HTTP errors differ across huggingface_hub versions
+            if attempt == attempts or not _retryable(err):
+                status = _status(err)
+                raise QuillError(
+                    f"push to the Hub repo '{repo_id}' failed"
+                    + (f" after {attempts} attempts" if _retryable(err) else f" (HTTP {status}, not retried)")
+                    + f" ({type(err).__name__}: {one_line(err, 200)})",
+                    f"the local folder {folder} is complete; check the repo id, your token (HF_TOKEN or "
+                    "`hf auth login`) and the network, then push it with `hf upload`",
+                ) from None
+            time.sleep(wait * attempt)
+    raise AssertionError("unreachable")

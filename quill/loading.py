@@ -1,0 +1,155 @@
+"""Load what a stage starts from: the tokenizer, and the model (a checkpoint, a Hub id, or a fresh Quill config),
+with its LoRA adapter config and 4/8-bit quantization built by TRL's own helpers from the model arguments."""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import quill.model  # noqa: F401  registers Quill with the Auto classes, so no remote code is needed here
+from quill.errors import QuillError, one_line
+from quill.hub import is_hub_id
+from quill.model import QuillConfig, QuillForCausalLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+CAUSAL_LM, CLASSIFIER = "causal-lm", "classifier"
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """Any tokenizer folder or Hub id; a pad token is required for batching (EOS stands in when there is none)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, revision=revision or None
+        )
+    except (OSError, ValueError) as err:
+        raise QuillError(
+            f"tokenizer '{name_or_path}' could not be loaded ({one_line(err, 200)})",
+            "point tokenizer_name_or_path at a tokenizer folder or Hub id",
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_model_path(path: str) -> None:
+    """A path that is neither a model folder nor a Hub id is almost always a missing previous stage."""
+    p = Path(path)
+    if (p / "config.json").exists() or (p / "adapter_config.json").exists() or (is_hub_id(path) and not p.exists()):
+        return
+    raise QuillError(
+        f"model '{path}' has no config.json (previous stage missing or unfinished)",
+        "run the previous stage first, or set model_name_or_path to a model folder or Hub id",
+    )
+
+
+def load_model(model_args, tokenizer, task: str = CAUSAL_LM):
+    """Load `model_args.model_name_or_path`, or build a fresh Quill from `model_args.model_config` (pretraining)."""
+    dtype = DTYPES[getattr(model_args, "dtype", None) or "float32"]
+    attn = getattr(model_args, "attn_implementation", None)
+    if not model_args.model_name_or_path:
+        if task != CAUSAL_LM:
+            raise QuillError("a reward model needs model_name_or_path", "start it from the SFT stage's output")
+        if "vocab_size" in (model_args.model_config or {}):
+            raise QuillError(
+                "model_config.vocab_size is set, but the tokenizer decides the vocabulary",
+                "drop vocab_size from model_config (the tokenizer stage's vocab_size sets it)",
+            )
+        config = QuillConfig(
+            **(model_args.model_config or {}),
+            vocab_size=_padded_vocab(len(tokenizer)),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        model = QuillForCausalLM(config)
+        if attn:
+            model.set_attn_implementation(attn)
+        return model.to(dtype) if dtype != "auto" else model
+
+    path = model_args.model_name_or_path
+    check_model_path(path)
+    auto = AutoModelForCausalLM if task == CAUSAL_LM else AutoModelForSequenceClassification
+    extra = {"num_labels": 1} if task != CAUSAL_LM else {}
+    quantization = quantization_config(model_args)
+    if quantization is not None:
+        extra |= {"quantization_config": quantization, "device_map": _kbit_device_map()}
+    try:
+        model = auto.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation=attn,
+            revision=model_args.model_revision,
+            trust_remote_code=model_args.trust_remote_code,
+            **extra,
+        )
+    except OSError as err:
+        raise QuillError(
+            f"model '{path}' could not be loaded ({one_line(err, 200)})",
+            "check the path or Hub id; a corrupted model.safetensors must be restored or retrained",
+        ) from None
+    check_tokenizer_fits(model, tokenizer, path)
+    if task != CAUSAL_LM:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def check_tokenizer_fits(model, tokenizer, where: str) -> None:
+    """The tokenizer must be the one the model was trained with: it fits the embedding, and the special tokens the
+    model was configured with (pad, bos, eos) have the same ids in the tokenizer."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    fix = "use the tokenizer the model was trained with (tokenizer_name_or_path)"
+    # Quill pads its embedding to a multiple of 64 rows; more spare rows than that means another tokenizer.
+    too_small = model.config.model_type == "quill" and vocab - len(tokenizer) >= 64
+    if len(tokenizer) > vocab or too_small:
+        raise QuillError(f"tokenizer has {len(tokenizer)} tokens but model '{where}' has a vocabulary of {vocab}", fix)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        expected, actual = getattr(model.config, name, None), getattr(tokenizer, name, None)
+        if isinstance(expected, list):
+            expected = expected[0] if expected else None
+        if expected is not None and actual is not None and expected != actual:
+            raise QuillError(f"tokenizer's {name} is {actual} but model '{where}' was configured with {expected}", fix)
+
+
+def peft_config(model_args, task: str = CAUSAL_LM):
+    """TRL's LoRA config from the model arguments; the task type follows the stage unless the user set it."""
+    from trl import get_peft_config
+
+    stage_task = "SEQ_CLS" if task == CLASSIFIER else "CAUSAL_LM"
+    if model_args.use_peft and model_args.lora_task_type not in (None, stage_task):
+        raise QuillError(
+            f"lora_task_type is {model_args.lora_task_type} but this stage trains a {task} model",
+            f"drop lora_task_type, or set it to {stage_task}",
+        )
+    model_args.lora_task_type = stage_task
+    return get_peft_config(model_args)
+
+
+def quantization_config(model_args):
+    """TRL's bitsandbytes config for load_in_4bit / load_in_8bit (QLoRA), or None."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise QuillError("load_in_4bit / load_in_8bit need bitsandbytes", "pip install 'quill[qlora]'") from None
+    if not model_args.model_name_or_path:
+        raise QuillError(
+            "4/8-bit loading applies to a pretrained checkpoint, not a model trained from scratch",
+            "drop load_in_4bit / load_in_8bit for pretraining",
+        )
+    from trl import get_quantization_config
+
+    return get_quantization_config(model_args)
+
+
+def _kbit_device_map() -> dict:
+    import os
+
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def _padded_vocab(n: int, multiple: int = 64) -> int:
+    # Embedding rows padded to a multiple of 64: matmul-friendly shapes; the extra rows are never sampled in practice.
+    return -(-n // multiple) * multiple
