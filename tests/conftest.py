@@ -115,7 +115,6 @@ def hub_server(tmp_path_factory):
         yield HubFixture(server, tmp_dir)
 
 
-
 @pytest.fixture(scope="module")
 def hub_server_module(tmp_path_factory):
     """The same server, shared by every test of a module (for tests built around one expensive run)."""

@@ -51,7 +51,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -79,7 +79,7 @@ def git_blob_sha1(content: bytes) -> str:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 # --------------------------------------------------------------------------------------- storage
@@ -290,7 +290,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     # HTTP/1.1 keep-alive, as the clients pool connections: every answer must carry Content-Length
     # and every request body must be read, or the next request on the connection is garbled.
     protocol_version = "HTTP/1.1"
-    server: "HubHTTPServer"
+    server: HubHTTPServer
 
     def do_GET(self):
         self._dispatch()
@@ -766,7 +766,7 @@ class HubServer:
         self.url, self.token = self.httpd.url, token
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         self._thread.start()
         return self
 
@@ -786,7 +786,7 @@ class HubServer:
     def store(self) -> HubStore:
         return self.httpd.store
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -15,7 +15,8 @@ ROUNDS = textwrap.dedent("""
     if sys.argv[1] == "keep":
         assert keep_freed_memory()
     libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
     size = 64 << 20
     for _ in range(3):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

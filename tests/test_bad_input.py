@@ -13,14 +13,34 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from tiny_outputs import TINY_MODEL, run_quill, tree_hash
 
-PRETRAIN_SMALL = ["eval_size=0", "max_length=64", "per_device_train_batch_size=4", "max_steps=2", "save_steps=2",
-                  "logging_steps=1", "warmup_steps=0", "use_cpu=true", "dataloader_num_workers=0", "seed=0"]
-SFT_SMALL = ["eval_size=0", "max_length=128", "task_eval_limit=4", "per_device_train_batch_size=4", "max_steps=2",
-             "save_steps=2", "logging_steps=1", "warmup_steps=0", "use_cpu=true", "dataloader_num_workers=0",
-             "seed=0", "bf16=false"]
+PRETRAIN_SMALL = [
+    "eval_size=0",
+    "max_length=64",
+    "per_device_train_batch_size=4",
+    "max_steps=2",
+    "save_steps=2",
+    "logging_steps=1",
+    "warmup_steps=0",
+    "use_cpu=true",
+    "dataloader_num_workers=0",
+    "seed=0",
+]
+SFT_SMALL = [
+    "eval_size=0",
+    "max_length=128",
+    "task_eval_limit=4",
+    "per_device_train_batch_size=4",
+    "max_steps=2",
+    "save_steps=2",
+    "logging_steps=1",
+    "warmup_steps=0",
+    "use_cpu=true",
+    "dataloader_num_workers=0",
+    "seed=0",
+    "bf16=false",
+]
 
 
 # ----------------------------------------------------------------------------- shared tiny outputs (same as the
@@ -55,14 +75,29 @@ def _msgs(*pairs):
 
 def _pretrain_on(c, data: str) -> list[str]:
     """The tiny pretraining command, reading `data` as its only dataset."""
-    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.out}",
-            f"tokenizer_name_or_path={c.tok}", TINY_MODEL, f"dataset_mixture=[{{path: {data}}}]", *PRETRAIN_SMALL]
+    return [
+        "pretrain",
+        "--config",
+        "recipes/tiny/pretrain.yaml",
+        f"output_dir={c.out}",
+        f"tokenizer_name_or_path={c.tok}",
+        TINY_MODEL,
+        f"dataset_mixture=[{{path: {data}}}]",
+        *PRETRAIN_SMALL,
+    ]
 
 
 def _tune_on(c, stage: str, data: str) -> list[str]:
     """The tiny `stage` (sft or dpo) command on the pretrained model, reading `data` as its only dataset."""
-    return [stage, "--config", f"recipes/tiny/{stage}.yaml", f"output_dir={c.out}", f"model_name_or_path={c.pre}",
-            f"dataset_mixture=[{{path: {data}}}]", *SFT_SMALL]
+    return [
+        stage,
+        "--config",
+        f"recipes/tiny/{stage}.yaml",
+        f"output_dir={c.out}",
+        f"model_name_or_path={c.pre}",
+        f"dataset_mixture=[{{path: {data}}}]",
+        *SFT_SMALL,
+    ]
 
 
 def case_yaml_syntax(c):
@@ -71,29 +106,41 @@ def case_yaml_syntax(c):
 
 
 def case_unknown_key(c):
-    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.out}", "learning_rat=1e-3"], \
-        ["learning_rat", "learning_rate"]
+    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.out}", "learning_rat=1e-3"], [
+        "learning_rat",
+        "learning_rate",
+    ]
 
 
 def case_unknown_key_in_file(c):
     (c.tmp / "c.yaml").write_text("per_device_train_batch_sise: 4\n")
-    return ["pretrain", "--config", str(c.tmp / "c.yaml"), f"output_dir={c.out}"], \
-        ["per_device_train_batch_sise", "per_device_train_batch_size"]
+    return ["pretrain", "--config", str(c.tmp / "c.yaml"), f"output_dir={c.out}"], [
+        "per_device_train_batch_sise",
+        "per_device_train_batch_size",
+    ]
 
 
 def case_wrong_type(c):
-    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.out}", "max_steps=lots"], \
-        ["max_steps"]
+    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.out}", "max_steps=lots"], [
+        "max_steps"
+    ]
 
 
 def case_out_of_range(c):
-    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.out}", "learning_rate=-0.1"], \
-        ["learning_rate"]
+    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.out}", "learning_rate=-0.1"], [
+        "learning_rate"
+    ]
 
 
 def case_nothing_to_train(c):
-    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.out}", "max_steps=0",
-            "num_train_epochs=0"], ["nothing to train"]
+    return [
+        "pretrain",
+        "--config",
+        "recipes/tiny/pretrain.yaml",
+        f"output_dir={c.out}",
+        "max_steps=0",
+        "num_train_epochs=0",
+    ], ["nothing to train"]
 
 
 def case_dataset_not_found(c):
@@ -106,8 +153,10 @@ def case_missing_column(c):
 
 
 def case_misnamed_column(c):
-    f = _jsonl(c.tmp / "d.jsonl", [{"conversations": [{"role": "user", "content": "hi"},
-                                                        {"role": "assistant", "content": "hello"}]}])
+    f = _jsonl(
+        c.tmp / "d.jsonl",
+        [{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}],
+    )
     return _tune_on(c, "sft", f), ["conversations: messages"]
 
 
@@ -127,8 +176,9 @@ def case_non_utf8(c):
 
 
 def case_unknown_role(c):
-    f = _jsonl(c.tmp / "d.jsonl", [_msgs(("user", "hi"), ("assistant", "hello")),
-                                   _msgs(("user", "hi"), ("bot", "hello"))])
+    f = _jsonl(
+        c.tmp / "d.jsonl", [_msgs(("user", "hi"), ("assistant", "hello")), _msgs(("user", "hi"), ("bot", "hello"))]
+    )
     return _tune_on(c, "sft", f), ["row 1", "'bot'"]
 
 
@@ -138,8 +188,10 @@ def case_no_assistant_turn(c):
 
 
 def case_chosen_equals_rejected(c):
-    f = _jsonl(c.tmp / "d.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5"},
-                                   {"prompt": "3+3?", "chosen": "6", "rejected": "6"}])
+    f = _jsonl(
+        c.tmp / "d.jsonl",
+        [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}, {"prompt": "3+3?", "chosen": "6", "rejected": "6"}],
+    )
     return _tune_on(c, "dpo", f), ["row 1", "rejected"]
 
 
@@ -149,8 +201,15 @@ def case_vocab_mismatch(c):
     tok = AutoTokenizer.from_pretrained(c.tok)
     tok.add_tokens([f"extra_token_{i}" for i in range(300)])
     tok.save_pretrained(c.tmp / "bigtok")
-    return ["sft", "--config", "recipes/tiny/sft.yaml", f"output_dir={c.out}", f"model_name_or_path={c.pre}",
-            f"tokenizer_name_or_path={c.tmp / 'bigtok'}", *SFT_SMALL], ["vocabulary"]
+    return [
+        "sft",
+        "--config",
+        "recipes/tiny/sft.yaml",
+        f"output_dir={c.out}",
+        f"model_name_or_path={c.pre}",
+        f"tokenizer_name_or_path={c.tmp / 'bigtok'}",
+        *SFT_SMALL,
+    ], ["vocabulary"]
 
 
 def case_previous_stage_missing_run(c):
@@ -158,9 +217,15 @@ def case_previous_stage_missing_run(c):
 
 
 def case_model_folder_missing(c):
-    return ["sft", "--config", "recipes/tiny/sft.yaml", f"output_dir={c.out}",
-            f"model_name_or_path={c.tmp / 'no_such_model'}", f"tokenizer_name_or_path={c.tok}", *SFT_SMALL], \
-        ["no_such_model"]
+    return [
+        "sft",
+        "--config",
+        "recipes/tiny/sft.yaml",
+        f"output_dir={c.out}",
+        f"model_name_or_path={c.tmp / 'no_such_model'}",
+        f"tokenizer_name_or_path={c.tok}",
+        *SFT_SMALL,
+    ], ["no_such_model"]
 
 
 def case_corrupted_safetensors(c):
@@ -169,25 +234,54 @@ def case_corrupted_safetensors(c):
     weights = broken / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    return ["sft", "--config", "recipes/tiny/sft.yaml", f"output_dir={c.out}", f"model_name_or_path={broken}",
-            *SFT_SMALL], ["broken"]
+    return [
+        "sft",
+        "--config",
+        "recipes/tiny/sft.yaml",
+        f"output_dir={c.out}",
+        f"model_name_or_path={broken}",
+        *SFT_SMALL,
+    ], ["broken"]
 
 
 def case_invalid_accelerate_config(c):
     (c.tmp / "acc.yaml").write_text("distributed_type: [not, valid\nnum_processes: two\n")
-    return ["run", "recipes/tiny", "--until", "tokenizer", "--output-dir", str(c.tmp / "run"),
-            "--accelerate-config", str(c.tmp / "acc.yaml")], ["acc.yaml"]
+    return [
+        "run",
+        "recipes/tiny",
+        "--until",
+        "tokenizer",
+        "--output-dir",
+        str(c.tmp / "run"),
+        "--accelerate-config",
+        str(c.tmp / "acc.yaml"),
+    ], ["acc.yaml"]
 
 
 def case_unknown_accelerate_config_name(c):
-    return ["run", "recipes/tiny", "--until", "tokenizer", "--output-dir", str(c.tmp / "run"),
-            "--accelerate-config", "cpu_dpp"], ["cpu_dpp"]
+    return [
+        "run",
+        "recipes/tiny",
+        "--until",
+        "tokenizer",
+        "--output-dir",
+        str(c.tmp / "run"),
+        "--accelerate-config",
+        "cpu_dpp",
+    ], ["cpu_dpp"]
 
 
 def case_output_dir_is_a_file(c):
     (c.tmp / "afile").write_text("x")
-    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.tmp / 'afile'}",
-            f"tokenizer_name_or_path={c.tok}", TINY_MODEL, *PRETRAIN_SMALL], ["is a file"]
+    return [
+        "pretrain",
+        "--config",
+        "recipes/tiny/pretrain.yaml",
+        f"output_dir={c.tmp / 'afile'}",
+        f"tokenizer_name_or_path={c.tok}",
+        TINY_MODEL,
+        *PRETRAIN_SMALL,
+    ], ["is a file"]
 
 
 def case_output_dir_not_writable(c):
@@ -198,28 +292,50 @@ def case_output_dir_not_writable(c):
         ro.chmod(0o700)
         pytest.skip("running as root: a read-only folder is still writable")
     c.cleanup.append(lambda: ro.chmod(0o700))
-    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={ro / 'out'}",
-            f"tokenizer_name_or_path={c.tok}", TINY_MODEL, *PRETRAIN_SMALL], ["not writable"]
+    return [
+        "pretrain",
+        "--config",
+        "recipes/tiny/pretrain.yaml",
+        f"output_dir={ro / 'out'}",
+        f"tokenizer_name_or_path={c.tok}",
+        TINY_MODEL,
+        *PRETRAIN_SMALL,
+    ], ["not writable"]
 
 
 def case_fp16_and_bf16(c):
-    return ["sft", "--config", "recipes/tiny/sft.yaml", f"output_dir={c.out}", "fp16=true", "bf16=true"], \
-        ["fp16", "bf16"]
+    return ["sft", "--config", "recipes/tiny/sft.yaml", f"output_dir={c.out}", "fp16=true", "bf16=true"], [
+        "fp16",
+        "bf16",
+    ]
 
 
 def case_merge_without_peft(c):
-    return ["sft", "--config", "recipes/tiny/sft.yaml", f"output_dir={c.out}", "merge_lora_on_save=true"], \
-        ["merge_lora_on_save", "use_peft"]
+    return ["sft", "--config", "recipes/tiny/sft.yaml", f"output_dir={c.out}", "merge_lora_on_save=true"], [
+        "merge_lora_on_save",
+        "use_peft",
+    ]
 
 
 def case_scratch_and_checkpoint(c):
-    return ["sft", "--config", "recipes/tiny/sft.yaml", f"output_dir={c.out}", f"model_name_or_path={c.pre}",
-            TINY_MODEL], ["model_config", "model_name_or_path"]
+    return [
+        "sft",
+        "--config",
+        "recipes/tiny/sft.yaml",
+        f"output_dir={c.out}",
+        f"model_name_or_path={c.pre}",
+        TINY_MODEL,
+    ], ["model_config", "model_name_or_path"]
 
 
 def case_mixture_entry_without_path(c):
-    return ["pretrain", "--config", "recipes/tiny/pretrain.yaml", f"output_dir={c.out}",
-            "dataset_mixture=[{max_samples: 3}]"], ["path"]
+    return [
+        "pretrain",
+        "--config",
+        "recipes/tiny/pretrain.yaml",
+        f"output_dir={c.out}",
+        "dataset_mixture=[{max_samples: 3}]",
+    ], ["path"]
 
 
 def case_unknown_command(c):
@@ -227,11 +343,12 @@ def case_unknown_command(c):
 
 
 def case_override_for_no_stage(c):
-    return ["run", "recipes/tiny", "--until", "tokenizer", "--output-dir", str(c.tmp / "run"), "no_such_option=1"], \
-        ["no_such_option"]
+    return ["run", "recipes/tiny", "--until", "tokenizer", "--output-dir", str(c.tmp / "run"), "no_such_option=1"], [
+        "no_such_option"
+    ]
 
 
-CASES = {name[len("case_"):]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
+CASES = {name[len("case_") :]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 
 class Ctx:
@@ -269,8 +386,20 @@ def overlong_sft(tiny, tmp_path_factory):
     f = _jsonl(tmp / "long.jsonl", [_msgs(("user", f"repeat {i}"), ("assistant", long_answer)) for i in range(16)])
     out = tmp / "sft"
     args = [a for a in SFT_SMALL if not a.startswith("max_length")]
-    proc = run_quill(["sft", "--config", "recipes/tiny/sft.yaml", f"output_dir={out}", f"model_name_or_path={tiny['pre']}",
-                      f"dataset_mixture=[{{path: {f}}}]", "task_eval=null", *args, "max_length=32"], tiny["env"])
+    proc = run_quill(
+        [
+            "sft",
+            "--config",
+            "recipes/tiny/sft.yaml",
+            f"output_dir={out}",
+            f"model_name_or_path={tiny['pre']}",
+            f"dataset_mixture=[{{path: {f}}}]",
+            "task_eval=null",
+            *args,
+            "max_length=32",
+        ],
+        tiny["env"],
+    )
     return proc, out
 
 

@@ -1,5 +1,6 @@
 """`quill chat`: a real terminal session through a pseudo-terminal, and the conversation it keeps."""
 
+import contextlib
 import os
 import pty
 import select
@@ -11,10 +12,10 @@ import pytest
 import torch
 from test_evaluation import make_checkpoint  # tests/ is on sys.path (conftest.py)
 
-from quill.model import QuillForCausalLM
-from quill import chat
 from quill.data.tokenizer import END
-from quill.models import load_tokenizer
+from quill.loading import load_tokenizer
+from quill.model import QuillForCausalLM
+from quill.tools import chat
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +39,8 @@ class Terminal:
             if time.time() > deadline or self.proc.poll() is not None and not self._ready(0):
                 raise AssertionError(f"waited for {text!r} x{count}; got:\n{self.output.decode(errors='replace')}")
             if self._ready(0.2):
-                try:
+                with contextlib.suppress(OSError):  # the child closed the terminal
                     self.output += os.read(self.fd, 4096)
-                except OSError:  # the child closed the terminal
-                    pass
 
     def _ready(self, timeout: float) -> bool:
         return bool(select.select([self.fd], [], [], timeout)[0])
@@ -56,8 +55,9 @@ class Terminal:
 
 
 def test_chat_in_a_terminal_answers_two_turns_and_exits_on_ctrl_d(ckpt):
-    term = Terminal([sys.executable, "-m", "quill.cli", "chat", str(ckpt), "--max-new-tokens", "5",
-                     "--system", "Answer briefly."])
+    term = Terminal(
+        [sys.executable, "-m", "quill.cli", "chat", str(ckpt), "--max-new-tokens", "5", "--system", "Answer briefly."]
+    )
     try:
         term.expect(chat.PROMPT.encode())
         term.send(b"What is 12 + 7?\n")

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from quill.cli import run_guarded
-from quill.errors import QuillError
+from quill.errors import QuillError, run_guarded
 
 QUILL = shutil.which("quill")
 needs_quill = pytest.mark.skipif(QUILL is None, reason="the quill console script is not installed (pip install -e .)")
@@ -21,9 +20,10 @@ FAKE_STAGE = """
 from dataclasses import dataclass
 from pathlib import Path
 
-from quill.cli import run_guarded
-from quill.config import RunArguments, parse_stage_args
-from quill.recipe import mark_stage_done
+from quill.arguments import RunArguments
+from quill.errors import run_guarded
+from quill.options import parse_stage_args
+from quill.output import mark_done as mark_stage_done
 
 
 @dataclass
@@ -125,7 +125,7 @@ def test_usage_mistakes(recipe, tmp_path, args, fragments):
 @needs_quill
 def test_stage_module_run_directly(recipe, tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rate: [1e-3\n")
-    env = {**os.environ, "PYTHONPATH": str(recipe)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(recipe), os.environ.get("PYTHONPATH")]))}
     env.pop("QUILL_DEBUG", None)
     done = subprocess.run(
         [sys.executable, "-m", "fake_stage", "--config", "bad.yaml"],

@@ -15,25 +15,23 @@ import pytest
 import transformers
 import trl
 
-from quill import recipe as recipe_mod
-from quill.config import (
-    DataArguments,
-    ModelArguments,
-    RunArguments,
-    build_stage_args,
-    option_names,
-    parse_stage_args,
-)
+from quill import runner as runner_mod
+from quill.arguments import DataArguments, ModelArguments, RunArguments
 from quill.errors import QuillError
-from quill.recipe import (
-    is_stage_done,
-    load_recipe,
-    mark_stage_done,
-    plan_recipe,
-    read_stage_done,
-    route_overrides,
-    run_recipe,
-)
+from quill.options import build_stage_args, option_names, parse_stage_args
+from quill.output import check_finished
+from quill.output import mark_done as mark_stage_done
+from quill.recipe import check_accelerate_config, load_recipe, plan_recipe, route_overrides
+from quill.runner import run_recipe
+
+
+def read_stage_done(folder):
+    return check_finished(folder)
+
+
+def is_stage_done(folder):
+    return check_finished(folder) is not None
+
 
 REPO = Path(__file__).resolve().parent.parent
 SFT_TYPES = (DataArguments, ModelArguments, trl.SFTConfig, RunArguments)
@@ -93,7 +91,8 @@ def test_yaml_and_overrides_fill_sft_config(tmp_path, monkeypatch):
     assert isinstance(sft, trl.SFTConfig)
     assert sft.learning_rate == pytest.approx(1e-3) and sft.max_steps == 5 and sft.per_device_train_batch_size == 4
     assert sft.eval_strategy == "no" and sft.lr_scheduler_type == "cosine" and sft.bf16 is False
-    assert model.use_peft is True and model.lora_target_modules == "q_proj"  # ModelConfig unwraps one-item lists
+    # TRL unwraps one-item lists into a string, which PEFT reads as a regex matching no module; Quill keeps the list.
+    assert model.use_peft is True and model.lora_target_modules == ["q_proj"]
     assert model.model_name_or_path == "outputs/tiny/pretrain"
     assert data.dataset_mixture == [{"path": "org/chat"}, {"path": "data/extra.jsonl", "weight": 2}]
     assert data.names() == ["org/chat", "data/extra.jsonl"]
@@ -281,9 +280,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from quill.cli import run_guarded
-from quill.config import ModelArguments, RewardModelArguments, RunArguments, parse_stage_args
-from quill.recipe import mark_stage_done
+from quill.arguments import ModelArguments, RunArguments
+from quill.errors import run_guarded
+from quill.options import parse_stage_args
+from quill.output import mark_done as mark_stage_done
 
 
 @dataclass
@@ -319,8 +319,14 @@ if __name__ == "__main__":
 """
 
 FAKE_RL = """
-from fake_stage import FakeArguments, ModelArguments, RewardModelArguments, RunArguments, parse_stage_args, train
+from dataclasses import dataclass
+from fake_stage import FakeArguments, ModelArguments, RunArguments, parse_stage_args, train
 from fake_stage import run_guarded
+
+
+@dataclass
+class RewardModelArguments:  # an RL stage's reward model, as quill.stages.rl's RLConfig has it
+    reward_model_path: str | None = None
 
 ARG_TYPES = (FakeArguments, ModelArguments, RunArguments, RewardModelArguments)
 
@@ -500,7 +506,7 @@ def test_output_dir_that_is_a_file(full_recipe, tmp_path):
 
 def test_run_recipe_skips_finished_stages_and_overwrites(full_recipe, tmp_path, monkeypatch, capsys):
     reports = []
-    monkeypatch.setattr(recipe_mod, "_write_report", lambda out: reports.append(out))
+    monkeypatch.setattr(runner_mod, "write_report", lambda out: reports.append(out) or out / "report.md")
     out = tmp_path / "out"
     results = run_recipe(full_recipe, output_dir=out, until_stage="sft", overrides=["sft.learning_rate=0.125"])
     assert [(r.name, r.status) for r in results] == [("tokenizer", "ran"), ("pretrain", "ran"), ("sft", "ran")]
@@ -520,7 +526,7 @@ def test_run_recipe_skips_finished_stages_and_overwrites(full_recipe, tmp_path, 
 
 
 def test_failed_stage_is_one_line_and_resumable(full_recipe, tmp_path, monkeypatch):
-    monkeypatch.setattr(recipe_mod, "_write_report", lambda out: None)
+    monkeypatch.setattr(runner_mod, "write_report", lambda out: out / "report.md")
     out = tmp_path / "out"
     message = error_of(
         run_recipe, full_recipe, output_dir=out, until_stage="pretrain", overrides=["pretrain.crash=true"]
@@ -539,11 +545,16 @@ def test_marker_is_atomic_and_shared_by_runner_and_stages(tmp_path):
     (tmp_path / "torn").mkdir()
     (tmp_path / "torn" / "quill_stage.json").write_text('{"done": tr')
     assert not is_stage_done(tmp_path / "torn")
-    # One implementation: what a stage writes (quill.checkpoint.finish_stage) is what the runner reads.
-    import quill.checkpoint as checkpoint
-    import quill.markers as markers
+    # One implementation: what a stage writes (quill.output, through quill.stages.common) is what the runner reads.
+    import quill.output as output
+    import quill.runner as runner
+    import quill.stages.common as common
 
-    assert checkpoint.mark_stage_done is markers.mark_stage_done and is_stage_done is markers.is_stage_done
+    assert runner.check_finished is output.check_finished and common.check_finished is output.check_finished
+    assert (
+        common.finish_folder is output.finish_folder
+        and output.finish_folder.__globals__["mark_done"] is mark_stage_done
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -582,7 +593,7 @@ def test_accelerate_config_loads(path):
     for section in ("fsdp_config", "deepspeed_config"):
         for key in getattr(config, section) or {}:
             assert key in known, f"{path.name}: {section}.{key} is not an accelerate option"
-    path_used, use_cpu = recipe_mod.check_accelerate_config(path.stem, REPO, None)
+    path_used, use_cpu = check_accelerate_config(path.stem, REPO, None)
     assert path_used == path.resolve() and use_cpu == config.use_cpu
 
 

@@ -10,6 +10,7 @@ from quill.data.schemas import check_schema
 from quill.data.sources import load_source
 from quill.errors import QuillError
 
+
 def read(path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
@@ -28,6 +29,7 @@ def question(row: dict) -> str | None:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """The default data at default sizes, built with every network connection refused."""
+
     def refuse(*args, **kwargs):
         raise OSError("network used while building the default data")
 

@@ -5,14 +5,7 @@ import datasets
 import pytest
 import torch
 
-from quill.data.packing import (
-    IGNORE_INDEX,
-    collate_packed,
-    pack_batch,
-    pack_dataset,
-    pack_documents,
-    tokenize_batch,
-)
+from quill.data.packing import IGNORE_INDEX, collate_packed, pack_batch, pack_dataset, pack_documents, tokenize_batch
 from quill.errors import QuillError
 
 BOS, PAD = 0, 2

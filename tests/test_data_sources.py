@@ -155,7 +155,7 @@ def test_source_specs():
     assert (src.weight, src.columns, src.split) == (0.5, {"a": "b"}, "train")
     one_line_error("unknown key 'wieght'", DataSource.parse, {"path": "x.jsonl", "wieght": 2})
     one_line_error("expected weight > 0", DataSource.parse, {"path": "x.jsonl", "weight": 0})
-    one_line_error("expected a 'path' string", DataSource.parse, {"split": "train"})
+    one_line_error("'path' is missing", DataSource.parse, {"split": "train"})
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 import pydoc_data.topics
+
 import pytest
 from transformers import AutoTokenizer
 from trl.chat_template_utils import is_chat_template_stop_token_trained

@@ -8,37 +8,64 @@ import sys
 import pytest
 import torch
 
-from quill.model import QuillConfig, QuillForCausalLM, QuillForSequenceClassification
-from quill import cli, evaluation
-from quill.checkpoint import model_card
-from quill.markers import MARKER
+from quill import cli
+from quill import metrics as evaluation
 from quill.data import tasks
 from quill.data.tokenizer import END, train_tokenizer
-from quill.models import load_tokenizer
+from quill.loading import load_tokenizer
+from quill.model import QuillConfig, QuillForCausalLM, QuillForSequenceClassification
+from quill.output import MARKER
+from quill.tools import eval as eval_tool
 
 # Held-out items with known answers, one question space per task.
 ITEMS = {
-    "chain_sum": [{"question": "State the final answer to the following arithmetic problem: 12 + 7 =",
-                   "answer": "19", "metadata": {}},
-                  {"question": "State the final answer to the following arithmetic problem: 40 - 8 + 3 =",
-                   "answer": "35", "metadata": {}}],
-    "word_sequence_reversal": [{"question": "Reverse this list of words: hundred, go", "answer": "go, hundred",
-                                "metadata": {}},
-                               {"question": "Reverse this list of words: the, quick, fox",
-                                "answer": "fox, quick, the", "metadata": {}}],
+    "chain_sum": [
+        {
+            "question": "State the final answer to the following arithmetic problem: 12 + 7 =",
+            "answer": "19",
+            "metadata": {},
+        },
+        {
+            "question": "State the final answer to the following arithmetic problem: 40 - 8 + 3 =",
+            "answer": "35",
+            "metadata": {},
+        },
+    ],
+    "word_sequence_reversal": [
+        {"question": "Reverse this list of words: hundred, go", "answer": "go, hundred", "metadata": {}},
+        {"question": "Reverse this list of words: the, quick, fox", "answer": "fox, quick, the", "metadata": {}},
+    ],
 }
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Numbers like 12 + 7 = 19 are easy.",
-         "Return the list reversed, word by word — naïve café."]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Numbers like 12 + 7 = 19 are easy.",
+    "Return the list reversed, word by word — naïve café.",
+]
 
 
 def rl_rows() -> list[dict]:
-    return [{"prompt": [{"role": "user", "content": i["question"]}], "task": task, "answer": i["answer"],
-             "metadata": json.dumps(i["metadata"])} for task, items in ITEMS.items() for i in items]
+    return [
+        {
+            "prompt": [{"role": "user", "content": i["question"]}],
+            "task": task,
+            "answer": i["answer"],
+            "metadata": json.dumps(i["metadata"]),
+        }
+        for task, items in ITEMS.items()
+        for i in items
+    ]
 
 
 def dpo_pairs() -> list[dict]:
-    return [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["answer"]}],
-             "rejected": [{"role": "assistant", "content": r["answer"][::-1]}], "task": r["task"]} for r in rl_rows()]
+    return [
+        {
+            "prompt": r["prompt"],
+            "chosen": [{"role": "assistant", "content": r["answer"]}],
+            "rejected": [{"role": "assistant", "content": r["answer"][::-1]}],
+            "task": r["task"],
+        }
+        for r in rl_rows()
+    ]
 
 
 def tiny_tokenizer():
@@ -47,9 +74,16 @@ def tiny_tokenizer():
 
 
 def tiny_config(tok, **extra) -> QuillConfig:
-    return QuillConfig(depth=2, hidden_size=64, num_attention_heads=2, vocab_size=-(-len(tok) // 64) * 64,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       **extra)
+    return QuillConfig(
+        depth=2,
+        hidden_size=64,
+        num_attention_heads=2,
+        vocab_size=-(-len(tok) // 64) * 64,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **extra,
+    )
 
 
 def make_checkpoint(path, seed: int = 0, cls=QuillForCausalLM):
@@ -88,6 +122,7 @@ def loaded(ckpt):
 
 def plant(model, tok, answers: dict[str, str]):
     """Make `model.generate` answer each question with a planted completion (then junk after the stop token)."""
+
     def generate(input_ids, attention_mask, **kwargs):
         rows = []
         for row in input_ids.tolist():
@@ -106,10 +141,12 @@ def test_task_accuracy_scores_planted_answers_with_the_task_scorer(ckpt):
     model = QuillForCausalLM.from_pretrained(ckpt).eval()
     rows = rl_rows()
     # 3 of 4 right: chain_sum 1/2 (partial credit from the scorer does not count as correct), reversal 2/2.
-    planted = {rows[0]["prompt"][0]["content"]: "19",
-               rows[1]["prompt"][0]["content"]: "35 is the answer, I think",
-               rows[2]["prompt"][0]["content"]: "go, hundred",
-               rows[3]["prompt"][0]["content"]: " fox, quick, the"}
+    planted = {
+        rows[0]["prompt"][0]["content"]: "19",
+        rows[1]["prompt"][0]["content"]: "35 is the answer, I think",
+        rows[2]["prompt"][0]["content"]: "go, hundred",
+        rows[3]["prompt"][0]["content"]: " fox, quick, the",
+    }
     plant(model, tok, planted)
     metrics = evaluation.task_accuracy(model, tok, rows, batch_size=3)
     assert metrics == {"task_accuracy": 0.75, "chain_sum_accuracy": 0.5, "word_sequence_reversal_accuracy": 1.0}
@@ -117,7 +154,8 @@ def test_task_accuracy_scores_planted_answers_with_the_task_scorer(ckpt):
     # Mean reward keeps reasoning-gym's partial credit; it must equal the scorer applied by hand.
     expected = [tasks.score(r["task"], planted[r["prompt"][0]["content"]], r) for r in rows]
     assert 0 < expected[1] < 1
-    assert evaluation.mean_reward(model, tok, rows)["mean_reward"] == pytest.approx(sum(expected) / 4)
+    completions = evaluation.generate_completions(model, tok, [r["prompt"] for r in rows])
+    assert evaluation.reward_metrics(rows, completions)["mean_reward"] == pytest.approx(sum(expected) / 4)
 
 
 def test_heldout_loss_matches_a_manual_computation(loaded):
@@ -154,33 +192,52 @@ def test_preference_metrics_match_unbatched_scores(ckpt, loaded, tmp_path):
             logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
         return torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).sum().item()
 
-    margins = [0.5 * (logp(policy, x, "chosen") - logp(reference, x, "chosen")
-                      - logp(policy, x, "rejected") + logp(reference, x, "rejected")) for x in pairs]
+    margins = [
+        0.5
+        * (
+            logp(policy, x, "chosen")
+            - logp(reference, x, "chosen")
+            - logp(policy, x, "rejected")
+            + logp(reference, x, "rejected")
+        )
+        for x in pairs
+    ]
     assert metrics["dpo_reward_margin"] == pytest.approx(sum(margins) / 4, rel=1e-4, abs=1e-5)
     assert metrics["dpo_reward_accuracy"] == sum(m > 0 for m in margins) / 4
 
-    rm = QuillForSequenceClassification.from_pretrained(make_checkpoint(tmp_path / "rm", cls=QuillForSequenceClassification))
+    rm = QuillForSequenceClassification.from_pretrained(
+        make_checkpoint(tmp_path / "rm", cls=QuillForSequenceClassification)
+    )
     scores = {}
     for side in ("chosen", "rejected"):
         texts = [tok.apply_chat_template(x["prompt"] + x[side], tokenize=False) for x in pairs]
         with torch.no_grad():
-            scores[side] = [rm(torch.tensor([tok(t, add_special_tokens=False)["input_ids"]])).logits[0, 0].item()
-                            for t in texts]
+            scores[side] = [
+                rm(torch.tensor([tok(t, add_special_tokens=False)["input_ids"]])).logits[0, 0].item() for t in texts
+            ]
     result = evaluation.reward_preference_accuracy(rm, tok, pairs, batch_size=3)
     expected = sum(c > r for c, r in zip(scores["chosen"], scores["rejected"])) / 4
     assert result["preference_accuracy"] == expected
     assert result["reward_margin"] == pytest.approx(sum(scores["chosen"]) / 4 - sum(scores["rejected"]) / 4, abs=1e-5)
 
 
-def test_quill_eval_cli_prints_and_saves_metrics(ckpt, data_dir, capsys, monkeypatch):
+def test_quill_eval_cli_prints_and_saves_metrics(ckpt, data_dir, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # the CLI rewrites sys.argv for the tool it runs
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in ckpt.iterdir())
     # The `quill` console script's entry point, in-process (a subprocess would spend ~10 s importing torch).
     cli.main(["eval", str(ckpt), "--data-dir", str(data_dir), "--max-new-tokens", "4"])
     stdout = capsys.readouterr().out
-    saved = json.loads((ckpt / "eval_results.json").read_text())
+    assert sorted(p.name for p in ckpt.iterdir()) == before  # the model folder is left as it was
+    saved = json.loads((tmp_path / "eval_results" / f"{ckpt.name}.json").read_text())
     metrics = saved["metrics"]
-    assert set(metrics) == {"eval_loss", "bits_per_byte", "task_accuracy", "chain_sum_accuracy",
-                            "word_sequence_reversal_accuracy"}
+    assert set(metrics) == {
+        "eval_loss",
+        "bits_per_byte",
+        "task_accuracy",
+        "chain_sum_accuracy",
+        "word_sequence_reversal_accuracy",
+    }
     assert all(math.isfinite(v) for v in metrics.values())
     for key, value in metrics.items():  # the printed table shows the same numbers
         assert f"{key}" in stdout and f"{value:.4f}" in stdout
@@ -190,16 +247,14 @@ def test_eval_detects_dpo_stage_and_reward_models(ckpt, data_dir, tmp_path, caps
     run = tmp_path / "run"
     shutil.copytree(ckpt, run / "sft")
     shutil.copytree(ckpt, run / "dpo")
-    # A DPO stage folder as finish_stage leaves it: marker + card naming the base model (as the run's cwd saw it).
-    (run / "dpo" / MARKER).write_text(json.dumps({"done": True, "stage": "dpo"}))
-    (run / "dpo" / "README.md").write_text(model_card(stage="dpo", base_model="outputs/elsewhere/sft", datasets=[],
-                                                      metrics={}))
-    metrics = evaluation.evaluate_model(run / "dpo", data_dir=data_dir, limit=2, max_new_tokens=2)
+    # A DPO stage folder as finish_stage leaves it: its marker names the base model (where the run saw it).
+    (run / "dpo" / MARKER).write_text(json.dumps({"done": True, "stage": "dpo", "base_model": "outputs/elsewhere/sft"}))
+    metrics = eval_tool.evaluate_model(run / "dpo", data_dir=data_dir, limit=2, max_new_tokens=2)
     assert metrics["dpo_reward_accuracy"] == 0.0  # the sibling sft/ is the reference, and it is the same model
 
     rm_dir = make_checkpoint(tmp_path / "reward", cls=QuillForSequenceClassification)
     out = tmp_path / "rm.json"
-    evaluation.main([str(rm_dir), "--data-dir", str(data_dir), "--output", str(out)])
+    eval_tool.main([str(rm_dir), "--data-dir", str(data_dir), "--output", str(out)])
     assert set(json.loads(out.read_text())["metrics"]) == {"preference_accuracy", "reward_margin"}
     assert "preference_accuracy" in capsys.readouterr().out
 
@@ -209,19 +264,27 @@ def test_eval_works_on_a_llama_checkpoint(tmp_path, data_dir):
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
     tok.save_pretrained(tmp_path / "llama")
-    metrics = evaluation.evaluate_model(tmp_path / "llama", data_dir=data_dir, max_new_tokens=3)
+    metrics = eval_tool.evaluate_model(tmp_path / "llama", data_dir=data_dir, max_new_tokens=3)
     assert {"eval_loss", "bits_per_byte", "task_accuracy"} <= set(metrics)
     assert math.isfinite(metrics["eval_loss"]) and 0 <= metrics["task_accuracy"] <= 1
 
 
 def test_eval_errors_are_one_line(tmp_path, data_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        evaluation.main([str(tmp_path / "missing"), "--data-dir", str(data_dir)])
+        eval_tool.main([str(tmp_path / "missing"), "--data-dir", str(data_dir)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model") and "no config.json" in err and "\n" not in err

@@ -13,8 +13,18 @@ BACKENDS = ["eager", "sdpa", PACKED_ATTENTION]
 
 
 def tiny_config(**overrides) -> QuillConfig:
-    fields = dict(depth=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
-                  vocab_size=101, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    fields = dict(
+        depth=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        vocab_size=101,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     fields.update(overrides)
     return QuillConfig(**fields)
 
@@ -96,7 +106,7 @@ def test_document_in_packed_row_matches_document_alone_with_default_use_cache(at
         start = 0
         for doc in docs:
             alone = model(doc[None]).logits[0]
-            assert max_diff(packed[start:start + len(doc)], alone) <= 1e-5
+            assert max_diff(packed[start : start + len(doc)], alone) <= 1e-5
             start += len(doc)
 
 
@@ -113,7 +123,7 @@ def test_packed_documents_through_trl_padding_free_collator():
         packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
         start = 0
         for doc in docs:
-            assert max_diff(packed[start:start + len(doc)], model(doc[None]).logits[0]) <= 1e-5
+            assert max_diff(packed[start : start + len(doc)], model(doc[None]).logits[0]) <= 1e-5
             start += len(doc)
 
 
@@ -160,8 +170,14 @@ def test_cached_decode_logits_equal_uncached_logits_at_every_step(attn):
     (large weights), so such a miss changes the tokens, not just the logits."""
     model = tiny_model(attn, initializer_range=0.5)
     prompt = torch.randint(3, 101, (2, 9))
-    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
-                  return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=10,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     cached = model.generate(prompt, use_cache=True, **kwargs)
     uncached = model.generate(prompt, use_cache=False, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)
@@ -221,7 +237,9 @@ def test_peft_lora_all_linear_trains_and_merges():
     from peft import LoraConfig, get_peft_model
 
     model = tiny_model().train()
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     targeted = {n.split(".")[-1] for n, _ in peft_model.named_modules() if n.endswith("lora_A")}
     names = {n for n, _ in peft_model.named_modules()}
     assert any("qkv_proj.lora_A" in n for n in names) and any("gate_up_proj.lora_A" in n for n in names)
@@ -274,7 +292,7 @@ def test_packed_backend_under_bf16_autocast_keeps_documents_apart_and_tracks_fp3
             start = 0
             for doc in docs:
                 alone = model(doc[None]).logits[0].float()
-                assert max_diff(out.logits[0, start:start + len(doc)].float(), alone) <= 1e-2
+                assert max_diff(out.logits[0, start : start + len(doc)].float(), alone) <= 1e-2
                 start += len(doc)
     with torch.no_grad():
         reference = model(ids, position_ids=pos).logits

@@ -9,8 +9,16 @@ from quill.model import QuillConfig, QuillForCausalLM
 
 def model_and_batch(tied=True, seed=0):
     torch.manual_seed(seed)
-    config = QuillConfig(depth=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=96, vocab_size=701, tie_word_embeddings=tied, pad_token_id=0)
+    config = QuillConfig(
+        depth=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        vocab_size=701,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+    )
     model = QuillForCausalLM(config).train()
     x = torch.randint(1, 701, (3, 150))  # 450 tokens: several loss chunks plus a partial one
     labels = x.clone()
@@ -39,8 +47,9 @@ def assert_close(a, b, tol):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("loss_kwargs", [{}, {"num_items_in_batch": torch.tensor(123)}, {"num_items_in_batch": 77},
-                                         {"ignore_index": 5}])
+@pytest.mark.parametrize(
+    "loss_kwargs", [{}, {"num_items_in_batch": torch.tensor(123)}, {"num_items_in_batch": 77}, {"ignore_index": 5}]
+)
 def test_fused_loss_matches_transformers_fp32(tied, loss_kwargs):
     model, x, labels = model_and_batch(tied)
     if loss_kwargs.get("ignore_index") == 5:

@@ -1,4 +1,5 @@
-"""A saved Quill checkpoint loads where the project is NOT importable (trust_remote_code), as transformers users get it."""
+"""A saved Quill checkpoint loads where the project is NOT importable (trust_remote_code), as transformers users
+get it."""
 
 import json
 import subprocess
@@ -7,8 +8,8 @@ import textwrap
 
 import torch
 
-from quill.model import QuillConfig, QuillForCausalLM
 from quill.data.tokenizer import train_tokenizer
+from quill.model import QuillConfig, QuillForCausalLM
 
 # Runs first in the child: any import of the project's packages fails, as on a machine without Quill installed.
 BLOCK_PROJECT = textwrap.dedent("""
@@ -30,9 +31,15 @@ def tiny_tokenizer():
 def save_checkpoint(path):
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    config = QuillConfig(depth=2, hidden_size=64, num_attention_heads=2, vocab_size=len(tokenizer),
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = QuillConfig(
+        depth=2,
+        hidden_size=64,
+        num_attention_heads=2,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = QuillForCausalLM(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -41,9 +48,14 @@ def save_checkpoint(path):
 
 def run_isolated(code: str, tmp_path) -> dict:
     script = BLOCK_PROJECT + textwrap.dedent(code)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path),
-                               "HF_HOME": str(tmp_path / "hf")})
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf")},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -60,8 +72,11 @@ def test_pipeline_and_reward_model_load_without_the_project(tmp_path):
     model, tokenizer = save_checkpoint(ckpt)
     prompt = "the quick brown"
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    expected = tokenizer.decode(model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)[0, ids.shape[1]:])
-    result = run_isolated(f"""
+    expected = tokenizer.decode(
+        model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)[0, ids.shape[1] :]
+    )
+    result = run_isolated(
+        f"""
         import json
         try:
             import quill
@@ -70,14 +85,17 @@ def test_pipeline_and_reward_model_load_without_the_project(tmp_path):
             pass
         from transformers import pipeline, AutoModelForSequenceClassification
         pipe = pipeline("text-generation", model={str(ckpt)!r}, trust_remote_code=True)
-        text = pipe({prompt!r}, max_new_tokens=6, do_sample=False, eos_token_id=None, return_full_text=False)[0]["generated_text"]
+        out = pipe({prompt!r}, max_new_tokens=6, do_sample=False, eos_token_id=None, return_full_text=False)
+        text = out[0]["generated_text"]
         chat = pipe([{{"role": "user", "content": "what is two plus two?"}}], max_new_tokens=5, do_sample=False)
         reply = chat[0]["generated_text"][-1]
         rm = AutoModelForSequenceClassification.from_pretrained({str(ckpt)!r}, num_labels=1, trust_remote_code=True)
         score = rm(**pipe.tokenizer(["a b", "c"], return_tensors="pt", padding=True)).logits
         print(json.dumps({{"text": text, "reply_role": reply["role"], "module": type(pipe.model).__module__,
                           "rm_class": type(rm).__name__, "rm_shape": list(score.shape)}}))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert result["text"] == expected
     assert result["reply_role"] == "assistant"
     assert result["module"].startswith("transformers_modules.")  # the copied code, not the project

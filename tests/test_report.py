@@ -1,4 +1,5 @@
-"""`quill report` on a fake finished run: stage folders with metrics.json / training_log.json as run_stage writes them."""
+"""`quill report` on a fake finished run: stage folders with metrics.json / training_log.json as run_stage writes
+them."""
 
 import json
 import sys
@@ -6,12 +7,20 @@ import sys
 import pytest
 
 from quill import cli
-from quill.markers import MARKER
-from quill.report import write_report
+from quill.output import MARKER
+from quill.tools.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-COST = {"train_steps": 10, "wall_seconds": 12.5, "train_runtime": 11.0, "tokens_seen": 20480,
-        "world_size": 1, "device": "cpu", "tokens_per_second": 1861.8, "peak_memory_mb": 812.3}
+COST = {
+    "train_steps": 10,
+    "wall_seconds": 12.5,
+    "train_runtime": 11.0,
+    "tokens_seen": 20480,
+    "world_size": 1,
+    "device": "cpu",
+    "tokens_per_second": 1861.8,
+    "peak_memory_mb": 812.3,
+}
 # What each stage's evaluate() returns, as run_stage stores it: before training (`_before`) and after.
 EVAL = {
     "pretrain": {"eval_loss": (8.31, 3.12), "eval_perplexity": (4064.0, 22.6)},
@@ -32,8 +41,14 @@ def stage_log(stage: str) -> list[dict]:
     for step in range(1, 11):
         row = {"loss": 5.0 / step, "grad_norm": 1.0, "learning_rate": 1e-3, "epoch": step / 10, "step": step}
         if stage == "rl":  # GRPOTrainer's logged rewards
-            row.update({"reward": 0.1 * step, "reward_std": 0.2, "rewards/task_reward/mean": 0.1 * step,
-                        "rewards/task_reward/std": 0.2})
+            row.update(
+                {
+                    "reward": 0.1 * step,
+                    "reward_std": 0.2,
+                    "rewards/task_reward/mean": 0.1 * step,
+                    "rewards/task_reward/std": 0.2,
+                }
+            )
         rows.append(row)
     rows.append({"train_runtime": 11.0, "train_loss": 1.5, "epoch": 1.0, "step": 10})
     return rows
@@ -53,8 +68,19 @@ def make_run(root, stages=tuple(EVAL), recipe: bool = True):
         (folder / "metrics.json").write_text(json.dumps(metrics))
         (folder / "training_log.json").write_text(json.dumps(stage_log(stage)))
         (folder / MARKER).write_text(json.dumps({"done": True, "stage": stage}))
-    if recipe:
-        (root / "recipe.yaml").write_text("name: tiny\nstages:\n  - {name: pretrain, config: pretrain.yaml}\n")
+    if recipe:  # the run record, as quill.runner writes it
+        (root / "quill_run.json").write_text(
+            json.dumps(
+                {
+                    "name": "tiny",
+                    "recipe": "/recipes/tiny",
+                    "started_at": "2026-11-30T10:00:00+00:00",
+                    "recipe_yaml": "name: tiny\nstages:\n  - {name: pretrain, config: pretrain.yaml}\n",
+                    "overrides": ["pretrain.max_steps=5"],
+                    "stages": [{"name": "pretrain", "status": "ran", "config": "learning_rate: 3.0e-3\n"}],
+                }
+            )
+        )
     return root
 
 
@@ -95,8 +121,22 @@ def test_report_has_one_table_with_every_stage_and_valid_plots(tmp_path):
         assert rows[key]["sft"] != "—", key
     assert rows["tokens_seen"]["rl"] == "20,480"
 
-    for section in ("## Hardware", "CPU cores", "## Versions", "- torch:", "- transformers:", "- trl:", "- peft:",
-                    "- datasets:", "- accelerate:", "- python:", "## Recipe", "name: tiny"):
+    for section in (
+        "## Hardware",
+        "CPU cores",
+        "## Versions",
+        "- torch:",
+        "- transformers:",
+        "- trl:",
+        "- peft:",
+        "- datasets:",
+        "- accelerate:",
+        "- python:",
+        "## Recipe",
+        "name: tiny",
+        "`pretrain.max_steps=5`",
+        "learning_rate: 3.0e-3",
+    ):
         assert section in text, section
     for png in ("training_loss.png", "eval_metrics.png", "rl_reward.png"):
         data = (run / png).read_bytes()
@@ -111,7 +151,7 @@ def test_report_copes_with_missing_stages(tmp_path, capsys):
     text = (run / "report.md").read_text()
     [table] = tables(text)
     assert cells(table[0]) == ["metric", "tokenizer", "pretrain"]
-    assert "not run: sft, dpo, reward, rl" in text and "No `recipe.yaml`" in text
+    assert "not run: sft, dpo, reward, rl" in text and "No `quill_run.json`" in text
     assert (run / "training_loss.png").exists() and (run / "eval_metrics.png").exists()
     assert not (run / "rl_reward.png").exists() and "rl_reward.png" not in text
 

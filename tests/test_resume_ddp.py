@@ -5,9 +5,11 @@ Kill points, per stage:
   mid_step        SIGKILL (for real) once checkpoint-2 is complete, while later steps run; re-run resumes.
   mid_save        as mid_step, plus a half-written newer checkpoint planted (partial model.safetensors, no
                   trainer_state.json) and a newer one whose trainer_state.json is cut off: both must be ignored.
-  mid_finish      killed while the final folder was being written: the final files are there (from the
-                  uninterrupted run), checkpoints/ already deleted, a `.final/` staging folder half-written, no marker.
-                  The re-run must not trust those files: it trains again and ends with the same weights and the marker.
+  mid_finish      as mid_step, plus the finished folder half-written beside the stage folder (`.<stage>.staged`,
+                  no marker): the re-run must not trust it; it resumes, finishes, and ends with the same weights.
+  mid_swap        killed between the two renames that swap the finished folder in: the stage folder (with its
+                  checkpoints) moved aside to `.<stage>.previous`, the complete `.<stage>.staged` not yet in place.
+                  The re-run completes the swap and skips the stage as finished.
 """
 
 from __future__ import annotations
@@ -23,9 +25,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-
 from tiny_outputs import REPO, is_done, pretrain_argv, sft_argv, tree_hash
-
 
 # ----------------------------------------------------------------------------- shared tiny outputs (built once per
 # session under the session's base temp dir; the other fault-test files build the same folders the same way)
@@ -77,11 +77,16 @@ def kill_after_checkpoint(cmd: list[str], env: dict, out: Path, step: int = 2, t
     assert not is_done(out)
 
 
+def newest_complete_checkpoint(out: Path) -> str | None:
+    from quill.output import checkpoints, is_complete_checkpoint
+
+    complete = [p for p in checkpoints(out) if is_complete_checkpoint(p)]
+    return str(complete[-1]) if complete else None
+
+
 def plant_half_written_checkpoints(out: Path) -> list[Path]:
     """Newer checkpoints than the last complete one, as a kill during `save` leaves them."""
-    from quill.checkpoint import last_complete_checkpoint
-
-    last = Path(last_complete_checkpoint(out))
+    last = Path(newest_complete_checkpoint(out))
     step = int(last.name.split("-")[1])
     # Normally step 2 or 4; if the kill still landed after the last save, the planted ones lie beyond max_steps,
     # and must be ignored all the same.
@@ -98,20 +103,28 @@ def plant_half_written_checkpoints(out: Path) -> list[Path]:
     (cut / "trainer_state.json").write_text(text[: len(text) // 2])
     (cut / "optimizer.pt").write_bytes(b"")
     planted.append(cut)
-    assert last_complete_checkpoint(out) == str(last)
+    assert newest_complete_checkpoint(out) == str(last)
     return planted
 
 
-def plant_interrupted_finish(out: Path, finished: Path) -> None:
-    """The final files written and moved, checkpoints deleted, a `.final/` staging leftover, and no marker."""
-    shutil.copytree(finished, out)
-    (out / "quill_stage.json").unlink()
-    staging = out / ".final"
-    staging.mkdir()
+def sibling(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{kind}"
+
+
+def plant_half_written_finish(out: Path, finished: Path) -> None:
+    """The finished folder being built beside the stage folder: some files, a cut-off model, no marker."""
+    staged = sibling(out, "staged")
+    shutil.copytree(finished, staged)
+    (staged / "quill_stage.json").unlink()
     data = (finished / "model.safetensors").read_bytes()
-    (staging / "model.safetensors").write_bytes(data[: len(data) // 2])
-    (out / "model.safetensors").write_bytes(data[: len(data) // 2])  # as if the kill hit during a copy
-    assert not is_done(out)
+    (staged / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def plant_interrupted_swap(out: Path, finished: Path) -> None:
+    """Between the renames: the stage folder moved aside, the complete staged folder (marker included) not in place."""
+    out.rename(sibling(out, "previous"))
+    shutil.copytree(finished, sibling(out, "staged"))
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +149,7 @@ def killed_runs(tiny, sft_reference, tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("point", ["mid_step", "mid_save", "mid_finish"])
+@pytest.mark.parametrize("point", ["mid_step", "mid_save", "mid_finish", "mid_swap"])
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])
 def test_kill_and_resume_matches_uninterrupted_run(stage, point, tiny, sft_reference, killed_runs, tmp_path):
     reference = tiny["pre"] if stage == "pretrain" else sft_reference
@@ -144,27 +157,25 @@ def test_kill_and_resume_matches_uninterrupted_run(stage, point, tiny, sft_refer
     upstream_hash = tree_hash(upstream)
 
     out = tmp_path / stage
+    shutil.copytree(killed_runs[stage], out)
+    planted = plant_half_written_checkpoints(out) if point == "mid_save" else []
     if point == "mid_finish":
-        plant_interrupted_finish(out, reference)
-    else:
-        shutil.copytree(killed_runs[stage], out)
-        planted = plant_half_written_checkpoints(out) if point == "mid_save" else []
-
-    from quill.checkpoint import last_complete_checkpoint
-
-    expected = last_complete_checkpoint(out)
-    assert (expected is None) == (point == "mid_finish")
+        plant_half_written_finish(out, reference)
+    expected = newest_complete_checkpoint(out)
+    if point == "mid_swap":
+        plant_interrupted_swap(out, reference)
     argv = pretrain_argv(out, tiny["tok"]) if stage == "pretrain" else sft_argv(out, tiny["pre"])
     proc = run_ok(stage_cmd(stage, argv), tiny["env"])
     resumed = [line for line in proc.stderr.splitlines() if "resuming from" in line]
-    if point == "mid_finish":
-        assert not resumed and "already finished" not in proc.stderr  # the unmarked final files are not trusted
+    if point == "mid_swap":
+        assert not resumed and "already finished" in proc.stderr  # the complete staged folder was swapped in
     else:
         assert len(resumed) == 1 and resumed[0].endswith(expected), proc.stderr[-2000:]
         assert all(p.name not in resumed[0] for p in planted)
 
     assert json.loads((out / "quill_stage.json").read_text())["done"] is True
-    assert not (out / ".final").exists() and not (out / "checkpoints").exists()
+    assert not (out / "checkpoints").exists()
+    assert not sibling(out, "staged").exists() and not sibling(out, "previous").exists()
     assert_same_weights(reference, out)
     assert tree_hash(upstream) == upstream_hash
 
@@ -181,17 +192,27 @@ def _free_port() -> int:
 def test_two_process_cpu_ddp_matches_single_process_loss_curve(tiny, tmp_path):
     out = tmp_path / "ddp"
     env = {**tiny["env"], "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu_ddp.yaml",
-           "--main_process_port", str(_free_port()), "-m", "quill.stages.pretrain",
-           *pretrain_argv(out, tiny["tok"], "per_device_train_batch_size=2")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "recipes/accelerate/cpu_ddp.yaml",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "quill.stages.pretrain",
+        *pretrain_argv(out, tiny["tok"], "per_device_train_batch_size=2"),
+    ]
     run_ok(cmd, env)
     assert is_done(out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
 
     def losses(folder: Path) -> dict[int, float]:
-        return {row["step"]: row["loss"] for row in json.loads((folder / "training_log.json").read_text())
-                if "loss" in row}
+        return {
+            row["step"]: row["loss"] for row in json.loads((folder / "training_log.json").read_text()) if "loss" in row
+        }
 
     single, ddp = losses(tiny["pre"]), losses(out)
     assert sorted(single) == sorted(ddp) == list(range(1, 7))

@@ -15,8 +15,14 @@ TINY_MODEL = "model_config={depth: 1, hidden_size: 32, num_attention_heads: 2, i
 
 
 def stage_env(base: Path) -> dict:
-    env = dict(os.environ, QUILL_CACHE=str(base / "quill_cache"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               HF_DATASETS_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    env = dict(
+        os.environ,
+        QUILL_CACHE=str(base / "quill_cache"),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+    )
     env.pop("QUILL_DEBUG", None)  # progress bars (\r-redrawn lines) off: stderr then holds just the error line
     return env
 
@@ -26,31 +32,80 @@ def is_done(folder: Path) -> bool:
 
 
 def pretrain_argv(out: Path, tok: Path, *extra: str) -> list[str]:
-    return ["--config", "recipes/tiny/pretrain.yaml", f"output_dir={out}", f"tokenizer_name_or_path={tok}", TINY_MODEL,
-            "dataset_mixture=[{path: quill:default/pretrain_train, max_samples: 200}]", "eval_size=10",
-            "max_length=64", "per_device_train_batch_size=4", "max_steps=6", "save_steps=2", "logging_steps=1",
-            "warmup_steps=0", "use_cpu=true", "dataloader_num_workers=0", "seed=0", *extra]
+    return [
+        "--config",
+        "recipes/tiny/pretrain.yaml",
+        f"output_dir={out}",
+        f"tokenizer_name_or_path={tok}",
+        TINY_MODEL,
+        "dataset_mixture=[{path: quill:default/pretrain_train, max_samples: 200}]",
+        "eval_size=10",
+        "max_length=64",
+        "per_device_train_batch_size=4",
+        "max_steps=6",
+        "save_steps=2",
+        "logging_steps=1",
+        "warmup_steps=0",
+        "use_cpu=true",
+        "dataloader_num_workers=0",
+        "seed=0",
+        *extra,
+    ]
 
 
 def sft_argv(out: Path, model: Path, *extra: str) -> list[str]:
-    return ["--config", "recipes/tiny/sft.yaml", f"output_dir={out}", f"model_name_or_path={model}",
-            "dataset_mixture=[{path: quill:default/sft_train, max_samples: 100}]", "eval_size=10", "max_length=128",
-            "task_eval_limit=4", "per_device_train_batch_size=4", "per_device_eval_batch_size=4", "max_steps=6",
-            "save_steps=2", "logging_steps=1", "warmup_steps=0", "use_cpu=true", "dataloader_num_workers=0",
-            "seed=0", "bf16=false", *extra]
+    return [
+        "--config",
+        "recipes/tiny/sft.yaml",
+        f"output_dir={out}",
+        f"model_name_or_path={model}",
+        "dataset_mixture=[{path: quill:default/sft_train, max_samples: 100}]",
+        "eval_size=10",
+        "max_length=128",
+        "task_eval_limit=4",
+        "per_device_train_batch_size=4",
+        "per_device_eval_batch_size=4",
+        "max_steps=6",
+        "save_steps=2",
+        "logging_steps=1",
+        "warmup_steps=0",
+        "use_cpu=true",
+        "dataloader_num_workers=0",
+        "seed=0",
+        "bf16=false",
+        *extra,
+    ]
 
 
 def build_tiny(base: Path) -> dict:
     env = stage_env(base)
     tok, pre = base / "tiny" / "tokenizer", base / "tiny" / "pretrain"
     if not is_done(tok):
-        subprocess.run([sys.executable, "-m", "quill.stages.tokenizer", "--config", "recipes/tiny/tokenizer.yaml",
-                        f"output_dir={tok}", "vocab_size=512",
-                        "dataset_mixture=[{path: quill:default/pretrain_train, max_samples: 300}]", "eval_size=20"],
-                       cwd=REPO, env=env, check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "quill.stages.tokenizer",
+                "--config",
+                "recipes/tiny/tokenizer.yaml",
+                f"output_dir={tok}",
+                "vocab_size=512",
+                "dataset_mixture=[{path: quill:default/pretrain_train, max_samples: 300}]",
+                "eval_size=20",
+            ],
+            cwd=REPO,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
     if not is_done(pre):
-        subprocess.run([sys.executable, "-m", "quill.stages.pretrain", *pretrain_argv(pre, tok)],
-                       cwd=REPO, env=env, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "quill.stages.pretrain", *pretrain_argv(pre, tok)],
+            cwd=REPO,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
     return {"env": env, "tok": tok, "pre": pre}
 
 
@@ -64,5 +119,6 @@ def tree_hash(folder: Path) -> str:
 
 
 def run_quill(args: list[str], env: dict, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "quill.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "quill.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

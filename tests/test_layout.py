@@ -1,0 +1,113 @@
+"""The shape of the package: every module imports on its own, no import cycles, one job per module (a docstring
+that names it, a size budget), the README's layout table matches the tree, and the code passes ruff."""
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "quill"
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if "recipes" not in p.parts)
+MAX_MODULE_LINES = 450
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def quill_imports(path: Path) -> set[str]:
+    """The quill modules `path` imports, at module level or inside functions (a lazy import is still a dependency)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "quill"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "quill":
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    names = {module_name(p) for p in MODULES}
+    return {name for name in found if name in names} - {module_name(path)}
+
+
+def test_every_module_imports_on_its_own():
+    def try_import(path: Path) -> tuple[str, int, str]:
+        name = module_name(path)
+        done = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=REPO, capture_output=True, text=True)
+        return name, done.returncode, done.stderr[-500:]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failed = [r for r in pool.map(try_import, MODULES) if r[1] != 0]
+    assert not failed, failed
+
+
+def test_import_graph_has_no_cycles():
+    graph = {module_name(p): quill_imports(p) for p in MODULES}
+    # A package's __init__ is imported with every submodule; it must not import them back.
+    for name, deps in graph.items():
+        graph[name] = {d for d in deps if not name.startswith(d + ".")}
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == "open":
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(dep) :] + [dep]))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    # The exit policy lives in quill.errors: nothing imports the command dispatcher.
+    assert not [name for name, deps in graph.items() if "quill.cli" in deps]
+
+
+def test_each_module_says_its_job_and_stays_small():
+    for path in MODULES:
+        tree = ast.parse(path.read_text())
+        if path.name != "__init__.py" or tree.body:
+            assert ast.get_docstring(tree), f"{path.relative_to(REPO)} has no docstring naming its job"
+        lines = len(path.read_text().splitlines())
+        assert lines <= MAX_MODULE_LINES, f"{path.relative_to(REPO)}: {lines} lines"
+
+
+def test_report_imports_no_model_library():
+    code = (
+        "import sys, quill.tools.report; print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_readme_layout_table_matches_the_tree():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed = set()
+    for row in re.findall(r"^\| (.+?) \|", section, flags=re.M):
+        for path in re.findall(r"`([^`]+)`", row):
+            if "/" in path or path.endswith(".py"):
+                listed.add(path.rstrip("/"))
+    assert listed, "no paths in the layout table"
+    for path in listed:
+        assert (REPO / path).exists(), f"README layout lists {path}, which does not exist"
+    # Every module and package of quill/ is covered by a listed path (itself or a folder above it).
+    for path in MODULES:
+        rel = path.relative_to(REPO)
+        if rel == Path("quill/__init__.py"):
+            continue
+        covered = any(str(rel) == p or str(rel).startswith(p + "/") for p in listed)
+        assert covered, f"{rel} is not in the README's layout table"
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install -e '.[dev]')")
+def test_ruff_check_and_format():
+    for args in (["check", "quill", "tests", "bench"], ["format", "--check", "quill", "tests", "bench"]):
+        done = subprocess.run(["ruff", *args], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]

@@ -1,0 +1,154 @@
+"""Every option of trl.ModelConfig that a stage accepts does what it says, or is refused at parse time.
+
+LoRA variants go through `trl.get_peft_config` and must show in the adapted model; 4/8-bit loading goes through
+`trl.get_quantization_config` and trains on CPU with bitsandbytes; options that would do nothing are errors.
+"""
+
+import pytest
+import torch
+import trl
+from peft import get_peft_model
+from test_remote_code import tiny_tokenizer
+
+from quill.arguments import DataArguments, ModelArguments, RunArguments
+from quill.errors import QuillError
+from quill.loading import CAUSAL_LM, CLASSIFIER, load_model, peft_config
+from quill.model import QuillConfig, QuillForCausalLM
+from quill.options import build_stage_args
+
+SFT_TYPES = (DataArguments, ModelArguments, trl.SFTConfig, RunArguments)
+
+
+def model_args(*overrides: str) -> ModelArguments:
+    return build_stage_args(SFT_TYPES, ["use_cpu=true", *overrides])[1]
+
+
+def error(*overrides: str) -> str:
+    with pytest.raises(QuillError) as info:
+        build_stage_args(SFT_TYPES, ["use_cpu=true", *overrides])
+    return str(info.value)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = QuillConfig(
+        depth=2,
+        hidden_size=64,
+        num_attention_heads=2,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    QuillForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, tokenizer
+
+
+def adapted(checkpoint, *overrides: str, task: str = CAUSAL_LM):
+    path, tokenizer = checkpoint
+    args = model_args(f"model_name_or_path={path}", "use_peft=true", *overrides)
+    model = load_model(args, tokenizer, task=task)
+    config = peft_config(args, task)
+    return get_peft_model(model, config), config
+
+
+def test_lora_variants_reach_the_adapter(checkpoint):
+    model, config = adapted(checkpoint, "lora_r=4", "lora_alpha=16", "use_rslora=true")
+    assert config.use_rslora and config.r == 4
+    layer = model.base_model.model.model.layers[0].self_attn.qkv_proj
+    assert layer.scaling["default"] == pytest.approx(16 / 4**0.5)  # rsLoRA: alpha / sqrt(r), not alpha / r
+
+    model, config = adapted(checkpoint, "use_dora=true")
+    assert config.use_dora
+    assert any("lora_magnitude_vector" in name for name, _ in model.named_parameters())
+
+    model, config = adapted(checkpoint, "lora_target_modules=[o_proj]", "lora_modules_to_save=[norm]")
+    names = [name for name, _ in model.named_parameters()]
+    assert any("o_proj.lora_A" in n for n in names) and not any("qkv_proj.lora_A" in n for n in names)
+    assert any("norm.modules_to_save" in n for n in names)
+
+    model, config = adapted(
+        checkpoint, "lora_target_parameters=[mlp.down_proj.weight]", "lora_dropout=0", "lora_target_modules=[o_proj]"
+    )
+    assert config.target_parameters == ["mlp.down_proj.weight"]
+    assert any("down_proj.lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_task_type_follows_the_stage_and_a_mismatch_is_refused(checkpoint):
+    _, config = adapted(checkpoint, task=CLASSIFIER)
+    assert config.task_type == "SEQ_CLS"
+    _, config = adapted(checkpoint)
+    assert config.task_type == "CAUSAL_LM"
+    with pytest.raises(QuillError, match="lora_task_type is CAUSAL_LM but this stage trains a classifier model"):
+        adapted(checkpoint, "lora_task_type=CAUSAL_LM", task=CLASSIFIER)
+
+
+def test_dtype_and_attention_backend_are_honoured(checkpoint):
+    path, tokenizer = checkpoint
+    model = load_model(
+        model_args(f"model_name_or_path={path}", "dtype=bfloat16", "attn_implementation=eager"), tokenizer
+    )
+    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("bits", ["load_in_4bit", "load_in_8bit"])
+def test_qlora_loads_quantized_and_trains_on_cpu(checkpoint, bits, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    path, tokenizer = checkpoint
+    args = model_args(f"model_name_or_path={path}", "use_peft=true", f"{bits}=true")
+    model = load_model(args, tokenizer)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert type(qkv).__name__ == ("Linear4bit" if bits == "load_in_4bit" else "Linear8bitLt")
+    rows = [{"messages": [{"role": "user", "content": "two plus two?"}, {"role": "assistant", "content": "four"}]}] * 8
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(
+            output_dir=str(tmp_path),
+            max_steps=2,
+            per_device_train_batch_size=4,
+            use_cpu=True,
+            report_to=[],
+            gradient_checkpointing=False,
+            learning_rate=1e-2,
+            logging_steps=1,
+            save_strategy="no",
+        ),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config(args),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    moved = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and not torch.equal(p, before[n])]
+    assert moved  # the adapter trained on top of the quantized base
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["bnb_4bit_quant_type=fp4"], "bnb_4bit_quant_type is set but load_in_4bit is not true"),
+        (["use_bnb_nested_quant=true"], "use_bnb_nested_quant is set but load_in_4bit is not true"),
+        (["lora_r=8"], "lora_r is set but use_peft is false"),
+        (["use_dora=true"], "use_dora is set but use_peft is false"),
+        (["hub_strategy=end"], "hub_strategy is not accepted"),
+        (["model_init_kwargs={torch_dtype: bfloat16}"], "model_init_kwargs is not accepted"),
+        (["hub_model_id=me/x"], "hub_model_id is set but push_to_hub is false"),
+        (["use_peft=true", "lora_target_parameters=[mlp.down_proj.weight]"], "only without dropout"),
+    ],
+)
+def test_options_that_would_do_nothing_are_refused(overrides, expected):
+    message = error(*overrides)
+    assert expected in message and "\n" not in message and "fix:" in message
+
+
+def test_model_config_vocab_size_is_refused(checkpoint):
+    _, tokenizer = checkpoint
+    with pytest.raises(QuillError, match="model_config.vocab_size is set"):
+        load_model(model_args("model_config={depth: 1, vocab_size: 512}"), tokenizer)
