@@ -85,7 +85,7 @@ def settle_environment(args: argparse.Namespace) -> tuple[sections.Settings, dic
     keeps_freed = device == "cpu" and not args.system_malloc and keep_freed_memory()
     warmup, reps = (1, args.reps or 3) if args.quick else (2, args.reps or 15)
     settings = sections.Settings(device=device, dtype=dtype, warmup=warmup, reps=reps, quick=args.quick,
-                                 threads=torch.get_num_threads(), keep_freed_memory=keeps_freed)
+                                 threads=torch.get_num_threads())
     environment = {
         "sections": [s for s in SECTIONS if s in (args.only or SECTIONS)],
         "quick": args.quick,

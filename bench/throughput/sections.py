@@ -55,7 +55,6 @@ class Settings:
     reps: int
     quick: bool
     threads: int
-    keep_freed_memory: bool  # the allocator setting of this run, handed on to the memory subprocesses
 
     @property
     def dense_sizes(self) -> tuple[Size, ...]:
@@ -138,7 +137,7 @@ def measure_memory(settings: Settings) -> list[dict]:
     """Peak memory of a few training steps of stock Quill, each kernel variant and Llama, at each dense size."""
     repeats, steps = (1, 2) if settings.quick else (2, 3)
     return measure_peak_memory(settings.dense_sizes, (*KERNEL_MODELS, "llama"), settings.device, settings.dtype,
-                               settings.threads, settings.keep_freed_memory, repeats, steps)
+                               settings.threads, repeats, steps)
 
 
 def first_line(error: BaseException) -> str:

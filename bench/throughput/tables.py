@@ -81,7 +81,7 @@ def print_kernels(s: dict) -> None:
 
 def print_memory(s: dict) -> None:
     for label, r in s["peak_memory"].items():
-        print(f"\n{label}: {r['measure']} over {r['steps']} training steps, a fresh process per measurement (MB)")
+        print(f"\n{label}: {r['measure']} during {r['steps']} training steps, a fresh process per measurement (MiB)")
         header = f"{'model':<26}{'peak':>18}{'step growth':>18}{'without kernel: extra step memory':>36}"
         print(header + "\n" + "-" * len(header))
         for name, m in r["models"].items():
