@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 RUN_BARS = [  # (model, legend, style): the two compared models, then the references where a run has them
@@ -117,6 +118,8 @@ def plot_memory(ax, s: dict) -> None:
             mb = r["without_kernel"][kernels[i]]["extra_mb_without"]
             ax.text(x + offset, y + (1 if y >= 0 else -4), f"{mb:+.0f}MB", ha="center", fontsize=5)
     ax.axhline(0, color="black", linewidth=0.8)
+    if s.get("memory_saving_min"):
+        ax.axhline(100 * s["memory_saving_min"], color="gray", linestyle="--", linewidth=0.8, label="threshold")
     ax.set_xticks(range(len(kernels)), kernels, fontsize=7)
     ax.set_ylabel("% of stock Quill's step growth (peak RSS)", fontsize=7)
     ax.set_title(title + "\n(> 0: the kernel saves memory)", fontsize=9)
@@ -158,8 +161,10 @@ def plot_notes(ax, s: dict) -> None:
     if s.get("matmul_peak_gflops"):
         lines.append(f"matmul peak {s['matmul_peak_gflops']:,.0f} GFLOP/s ({s['matmul_peak_how']})")
     for kernel, v in s["kernel_verdicts"].items():
-        lines.append(f"{kernel}: {'earns its place' if v['earns_its_place'] else 'does not earn its place'}")
-    ax.text(0, 1, "\n".join(lines), va="top", fontsize=7, family="monospace", transform=ax.transAxes, wrap=True)
+        verdict = "earns its place" if v["earns_its_place"] else "does not earn its place"
+        lines.append(f"{kernel}: {verdict} ({v['reason']})")
+    text = "\n".join(textwrap.fill(line, 62, subsequent_indent="  ") for line in lines)
+    ax.text(0, 1, text, va="top", fontsize=7, family="monospace", transform=ax.transAxes)
 
 
 def save_chart(s: dict, path: Path) -> bool:

@@ -137,17 +137,17 @@ def kernel_verdicts(kernels: list[dict], memory: list[dict]) -> dict:
         for run in kernels:
             s = run["speedup"].get(kernel)
             if s and s["interval"][0] > 1:
-                faster.append(run["label"])
+                faster.append(run["size"]["name"])
             if s and s["interval"][1] < 1:
-                slower.append(run["label"])
+                slower.append(run["size"]["name"])
         for run in memory:
             m = run["without_kernel"].get(kernel)
             if not m or m["extra_fraction_without"] is None or abs(m["extra_mb_without"]) <= m["repeat_spread_mb"]:
                 continue
             if m["extra_fraction_without"] >= MEMORY_SAVING_MIN:
-                less_memory.append(run["label"])
+                less_memory.append(run["size"]["name"])
             elif m["extra_fraction_without"] <= -MEMORY_SAVING_MIN:
-                more_memory.append(run["label"])
+                more_memory.append(run["size"]["name"])
         helps = [f"faster at {x}" for x in faster] + [f"less memory at {x}" for x in less_memory]
         costs = [f"slower at {x}" for x in slower] + [f"more memory at {x}" for x in more_memory]
         earns = bool(helps)
@@ -227,6 +227,7 @@ def summarize(measured: dict, environment: dict) -> dict:
         "kernels": {r["label"]: r for r in kernels},
         "peak_memory": {r["label"]: r for r in memory},
         "kernel_verdicts": kernel_verdicts(kernels, memory) if kernels or memory else {},
+        "memory_saving_min": MEMORY_SAVING_MIN,
         "kernel_rule": "a kernel earns its place when, at some dense size, the 95% interval of its paired speedup "
         "(step time with its plain-autograd reference / with the kernel) lies above 1, or the step's peak memory grows "
         f"by >= {MEMORY_SAVING_MIN:.0%} without it (beyond the repeat spread); a measured cost on the other measure is "
