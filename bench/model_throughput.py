@@ -9,7 +9,7 @@ Sections (``--only`` picks some; all run by default; bench/README.md describes e
               references: both on eager attention, and Quill without attention (the ceiling of every ratio).
 - packed:     rows of 1024 tokens holding 8 documents (restarting position_ids, no attention_mask): Quill's
               ``quill_sdpa`` against Llama on sdpa with the block-diagonal mask transformers builds.
-- kernels:    stock Quill against Quill with each hand-written kernel (RMSNorm, RoPE, SwiGLU, fused LM-head loss)
+- kernels:    stock Quill against Quill with each hand-written kernel (RMSNorm, SwiGLU, fused LM-head loss)
               replaced by its plain-autograd reference, one at a time and all at once, at the dense sizes.
 - memory:     peak memory of the same variants (and Llama), a fresh subprocess per measurement.
 - packed4096: rows of 4096 tokens holding 32 documents, the same pair as `packed`, against a 3x target.

@@ -2,7 +2,7 @@
 
 Quill and transformers' LlamaForCausalLM get the same dimensions: hidden/intermediate size, layers, heads, kv heads,
 vocab, tied embeddings, no biases. What differs is the implementation (fused projections, the fused LM head + loss,
-RoPE/RMSNorm/SwiGLU autograd functions, the ``quill_sdpa`` packed-row backend), plus Quill's QK-norm (on by default
+RMSNorm/SwiGLU autograd functions, the ``quill_sdpa`` packed-row backend), plus Quill's QK-norm (on by default
 and kept on here: it is extra work for Quill).
 """
 
@@ -68,7 +68,6 @@ TINY_PACKED_LONG = Size("d64-L2-packed1024", hidden=64, layers=2, heads=2, seq=1
 # ``_can_fuse_loss`` says no (see ``build_models``).
 KERNEL_REFERENCES: dict[str, dict[str, Callable]] = {
     "rms_norm": {"rms_norm": kernels_quill.reference_rms_norm},
-    "rope": {"apply_rotary_pos_emb": kernels_quill.reference_apply_rotary_pos_emb},
     "swiglu": {"swiglu": kernels_quill.reference_swiglu},
     "fused_loss": {},
 }
