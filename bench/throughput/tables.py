@@ -17,6 +17,9 @@ def print_environment(s: dict) -> None:
     if share is not None:
         print(f"machine load: other processes used {100 * share:.0f}% of the CPU time during the run; "
               f"load average {load[0]} at start, {load[1]} at end")
+        if share > 0.25 and s["threads"] > 1:
+            print("note: other processes were busy, and a multi-threaded step waits for its slowest thread; "
+                  "--threads 1 gives steadier figures on a shared machine (bench/README.md)")
 
 
 def print_runs(s: dict) -> None:
@@ -111,13 +114,14 @@ def print_compile(s: dict) -> None:
     c = s.get("compile")
     if not c:
         return
-    print(f"\n{c['label']}: {c['torch_compile']}")
-    header = f"{'model':<28}{'tok/s':>10}{'first step s':>14}{'compile s':>11}{'graph breaks':>14}"
+    print(f"\n{c['label']}: {c['torch_compile']}. A model compiled later reuses frames traced for an earlier one: "
+          "its graph breaks there are not counted again, and its first step can be shorter")
+    header = f"{'model':<28}{'tok/s':>10}{'first step s':>14}{'compile s':>11}{'new graph breaks':>18}"
     print(header + "\n" + "-" * len(header))
     for name, m in c["models"].items():
         compile_s = f"{m['compile_s']:.1f}" if "compile_s" in m else "-"
         breaks = str(sum(m["graph_breaks"].values())) if "graph_breaks" in m else "-"
-        print(f"{name:<28}{m['tokens_per_s']:>10,.0f}{m['first_step_s']:>14.1f}{compile_s:>11}{breaks:>14}")
+        print(f"{name:<28}{m['tokens_per_s']:>10,.0f}{m['first_step_s']:>14.1f}{compile_s:>11}{breaks:>18}")
     for name, error in c["errors"].items():
         print(f"{name:<28}compile FAILED: {error}")
     for name, m in c["models"].items():
