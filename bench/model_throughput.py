@@ -53,21 +53,36 @@ SECTIONS = ("dense", "packed", "kernels", "memory", "packed4096", "compile", "gp
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of every selected section: tiny models, 1 warm-up step, 3 repetitions "
-                        "(unless --reps); its numbers mean nothing")
-    parser.add_argument("--only", type=lambda v: [s.strip() for s in v.split(",") if s.strip()], default=None,
-                        help=f"comma-separated sections to run (default: all): {','.join(SECTIONS)}")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run of every selected section: tiny models, 1 warm-up step, 3 repetitions "
+        "(unless --reps); its numbers mean nothing",
+    )
+    parser.add_argument(
+        "--only",
+        type=lambda v: [s.strip() for s in v.split(",") if s.strip()],
+        default=None,
+        help=f"comma-separated sections to run (default: all): {','.join(SECTIONS)}",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions per comparison")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="on CPU, leave glibc's malloc as it is instead of keeping freed memory for reuse the way "
-                        "Quill's training stages do (quill/allocator.py); both models get the same either way")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="on CPU, leave glibc's malloc as it is instead of keeping freed memory for reuse the way "
+        "Quill's training stages do (quill/allocator.py); both models get the same either way",
+    )
     parser.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
-    parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
-                        help="print and plot a saved summary again (next to it), without measuring anything")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="print and plot a saved summary again (next to it), without measuring anything",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.only or ()) - set(SECTIONS)
     if unknown:
@@ -84,8 +99,9 @@ def settle_environment(args: argparse.Namespace) -> tuple[sections.Settings, dic
     # Llama, with its fp32 (tokens, vocab) logits, far more than Quill.
     keeps_freed = device == "cpu" and not args.system_malloc and keep_freed_memory()
     warmup, reps = (1, args.reps or 3) if args.quick else (2, args.reps or 15)
-    settings = sections.Settings(device=device, dtype=dtype, warmup=warmup, reps=reps, quick=args.quick,
-                                 threads=torch.get_num_threads())
+    settings = sections.Settings(
+        device=device, dtype=dtype, warmup=warmup, reps=reps, quick=args.quick, threads=torch.get_num_threads()
+    )
     environment = {
         "sections": [s for s in SECTIONS if s in (args.only or SECTIONS)],
         "quick": args.quick,
@@ -151,8 +167,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\nwrote {args.replot.with_suffix('.png')}")
         return
     settings, environment = settle_environment(args)
-    print(f"{environment['device_name']}, {environment['dtype']}: measuring {', '.join(environment['sections'])}",
-          flush=True)
+    print(
+        f"{environment['device_name']}, {environment['dtype']}: measuring {', '.join(environment['sections'])}",
+        flush=True,
+    )
     before, load_start = machine.cpu_snapshot(), machine.load_average()
     measured = measure(environment["sections"], settings)
     environment.update(

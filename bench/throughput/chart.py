@@ -10,8 +10,11 @@ RUN_BARS = [  # (model, legend, style): the two compared models, then the refere
     ("llama", "Llama (sdpa)", {"color": "tab:orange"}),
     ("quill_eager", "Quill (eager)", {"color": "white", "edgecolor": "tab:blue", "hatch": "//"}),
     ("llama_eager", "Llama (eager)", {"color": "white", "edgecolor": "tab:orange", "hatch": "//"}),
-    ("quill_no_attention", "Quill, attention removed (ceiling)", {"color": "white", "edgecolor": "tab:blue",
-                                                                  "hatch": ".."}),
+    (
+        "quill_no_attention",
+        "Quill, attention removed (ceiling)",
+        {"color": "white", "edgecolor": "tab:blue", "hatch": ".."},
+    ),
 ]
 COMPILE_BARS = [
     ("quill", "Quill eager", {"color": "white", "edgecolor": "tab:blue", "hatch": "//"}),
@@ -44,8 +47,11 @@ def plot_runs(ax, s: dict) -> None:
     top = 1.0
     for k, (name, legend, style) in enumerate(RUN_BARS):
         xs = [i for i, r in enumerate(runs.values()) if name in r["models"]]
-        ys = [r["models"][name]["tokens_per_s"] / r["models"]["llama"]["tokens_per_s"] for r in runs.values()
-              if name in r["models"]]
+        ys = [
+            r["models"][name]["tokens_per_s"] / r["models"]["llama"]["tokens_per_s"]
+            for r in runs.values()
+            if name in r["models"]
+        ]
         offset = (k - (len(RUN_BARS) - 1) / 2) * width
         ax.bar([x + offset for x in xs], ys, width, label=legend, **style)
         for x, y in zip(xs, ys):
@@ -72,8 +78,9 @@ def plot_headline(ax, s: dict) -> None:
         ax.text(i, v + 0.03, f"{v:.2f}", ha="center", fontsize=7)
     ax.scatter(range(len(names)), targets, marker="_", s=900, color="black", label="target", zorder=3)
     xs = [i for i, c in enumerate(ceilings) if c is not None]
-    ax.scatter(xs, [ceilings[i] for i in xs], marker="v", color="dimgray", label="ceiling (attention removed)",
-               zorder=3)
+    ax.scatter(
+        xs, [ceilings[i] for i in xs], marker="v", color="dimgray", label="ceiling (attention removed)", zorder=3
+    )
     ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=7)
     ax.set_ylim(0, max(values + targets + [c for c in ceilings if c is not None]) * 1.3)
     ax.set_title(title + " (green: pass, red: fail)", fontsize=9)
@@ -93,8 +100,17 @@ def plot_kernels(ax, s: dict) -> None:
         sp = [r["speedup"][kernels[i]] for i in xs]
         mids = [x["paired_median"] for x in sp]
         errors = [[m - x["interval"][0] for m, x in zip(mids, sp)], [x["interval"][1] - m for m, x in zip(mids, sp)]]
-        ax.bar([x + offset for x in xs], [m - 1 for m in mids], width, bottom=1, label=label,
-               color=SIZE_COLORS[j % len(SIZE_COLORS)], yerr=errors, capsize=3, ecolor="black")
+        ax.bar(
+            [x + offset for x in xs],
+            [m - 1 for m in mids],
+            width,
+            bottom=1,
+            label=label,
+            color=SIZE_COLORS[j % len(SIZE_COLORS)],
+            yerr=errors,
+            capsize=3,
+            ecolor="black",
+        )
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(kernels)), kernels, fontsize=7)
     ax.set_ylabel("step time without / with (paired median, 95% int.)", fontsize=7)
@@ -133,14 +149,17 @@ def plot_compile(ax, s: dict) -> None:
         return not_measured(ax, title if not c else title + f"\n(failed: {', '.join(c['errors'])})")
     base = c["models"]["llama_compiled"]["tokens_per_s"]
     bars = [(n, legend, style) for n, legend, style in COMPILE_BARS if n in c["models"]]
-    for i, (name, legend, style) in enumerate(bars):
+    for i, (name, _legend, style) in enumerate(bars):
         m = c["models"][name]
         y = m["tokens_per_s"] / base
         ax.bar(i, y, 0.7, **style)
         note = f"{y:.2f}" + (f"\ncompile {m['compile_s']:.0f}s" if "compile_s" in m else "")
         ax.text(i, y + 0.02, note, ha="center", fontsize=6)
-    ax.set_xticks(range(len(bars)), [legend.replace(", ", ",\n").replace(" compiled", "\ncompiled")
-                                     for _, legend, _ in bars], fontsize=6)
+    ax.set_xticks(
+        range(len(bars)),
+        [legend.replace(", ", ",\n").replace(" compiled", "\ncompiled") for _, legend, _ in bars],
+        fontsize=6,
+    )
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.set_ylim(0, max(c["models"][n]["tokens_per_s"] / base for n, _, _ in bars) * 1.35)
     failed = f"; FAILED: {', '.join(c['errors'])}" if c["errors"] else ""

@@ -99,8 +99,9 @@ def run_subprocess(spec: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure_peak_memory(sizes, names: tuple[str, ...], device: str, dtype: torch.dtype | None, threads: int,
-                        repeats: int, steps: int) -> list[dict]:
+def measure_peak_memory(
+    sizes, names: tuple[str, ...], device: str, dtype: torch.dtype | None, threads: int, repeats: int, steps: int
+) -> list[dict]:
     """For each size, each named model measured `repeats` times (names alternating), each time in a new process."""
     results = []
     for size in sizes:
@@ -117,8 +118,15 @@ def measure_peak_memory(sizes, names: tuple[str, ...], device: str, dtype: torch
                 }
                 per_model[name].append(run_subprocess(spec))
         measure = "cuda max_memory_allocated" if device == "cuda" else "peak RSS (VmHWM), blocks unmapped when freed"
-        results.append({"label": f"memory {size.name} s{size.seq}", "size": dataclasses.asdict(size),
-                        "steps": steps, "measure": measure, "runs": per_model})
+        results.append(
+            {
+                "label": f"memory {size.name} s{size.seq}",
+                "size": dataclasses.asdict(size),
+                "steps": steps,
+                "measure": measure,
+                "runs": per_model,
+            }
+        )
     return results
 
 

@@ -93,8 +93,10 @@ def time_models(kind: str, size: Size, names: tuple[str, ...], settings: Setting
     models = build_models(names, size, settings.device)
     batch, rows = batch_for(size, settings.device)
     isolation = packed_isolation(models, batch, rows) if rows else None
-    steps = {name: make_step(model, batch, settings.device, settings.dtype, step_context(name))
-             for name, model in models.items()}
+    steps = {
+        name: make_step(model, batch, settings.device, settings.dtype, step_context(name))
+        for name, model in models.items()
+    }
     probe = matmul_probe(settings.device, settings.dtype, peak, seconds=0.1) if peak else None
     before = cpu_snapshot()
     measured = interleaved(steps, settings.device, settings.warmup, settings.reps, probe)
@@ -136,8 +138,15 @@ def measure_kernels(settings: Settings) -> list[dict]:
 def measure_memory(settings: Settings) -> list[dict]:
     """Peak memory of a few training steps of stock Quill, each kernel variant and Llama, at each dense size."""
     repeats, steps = (1, 2) if settings.quick else (2, 3)
-    return measure_peak_memory(settings.dense_sizes, (*KERNEL_MODELS, "llama"), settings.device, settings.dtype,
-                               settings.threads, repeats, steps)
+    return measure_peak_memory(
+        settings.dense_sizes,
+        (*KERNEL_MODELS, "llama"),
+        settings.device,
+        settings.dtype,
+        settings.threads,
+        repeats,
+        steps,
+    )
 
 
 def first_line(error: BaseException) -> str:
@@ -231,4 +240,3 @@ def measure_gpu(settings: Settings, peak: dict) -> dict:
     run["gpu"] = name
     run["gpu_bf16_peak_tflops_datasheet"] = next((v for k, v in GPU_BF16_PEAK_TFLOPS.items() if k in name), None)
     return run
-

@@ -47,8 +47,16 @@ def copy_keys(run: dict, keys: tuple[str, ...]) -> dict:
     return {key: run[key] for key in keys if key in run}
 
 
-RUN_KEYS = ("kind", "label", "size", "tokens_per_step", "flops_per_token", "doc_lengths",
-            "isolation_max_abs_logit_delta", "other_processes_cpu_share")
+RUN_KEYS = (
+    "kind",
+    "label",
+    "size",
+    "tokens_per_step",
+    "flops_per_token",
+    "doc_lengths",
+    "isolation_max_abs_logit_delta",
+    "other_processes_cpu_share",
+)
 
 
 def comparison_summary(run: dict, peak: dict) -> dict:
@@ -90,11 +98,15 @@ def kernels_summary(run: dict) -> dict:
     times = run["step_s"]
     speedup = {
         name.removeprefix(PLAIN_PREFIX): ratio_of(times["quill"], ts)
-        for name, ts in times.items() if name.startswith(PLAIN_PREFIX)
+        for name, ts in times.items()
+        if name.startswith(PLAIN_PREFIX)
     }
     models = {name: model_figures(ts, run, None) for name, ts in times.items()}
-    return {**copy_keys(run, ("label", "size", "tokens_per_step", "other_processes_cpu_share")),
-            "models": models, "speedup": speedup}
+    return {
+        **copy_keys(run, ("label", "size", "tokens_per_step", "other_processes_cpu_share")),
+        "models": models,
+        "speedup": speedup,
+    }
 
 
 def memory_summary(run: dict) -> dict:
@@ -124,8 +136,7 @@ def memory_summary(run: dict) -> dict:
             "peak_fraction_without": peak / stock_peak - 1,
             "repeat_spread_mb": spread,
         }
-    return {**copy_keys(run, ("label", "size", "steps", "measure")), "models": models,
-            "without_kernel": without_kernel}
+    return {**copy_keys(run, ("label", "size", "steps", "measure")), "models": models, "without_kernel": without_kernel}
 
 
 def kernel_verdicts(kernels: list[dict], memory: list[dict]) -> dict:
@@ -159,9 +170,16 @@ def kernel_verdicts(kernels: list[dict], memory: list[dict]) -> dict:
             reason = "only costs: " + ", ".join(costs)
         else:
             reason = "its effect is inside the noise at every size measured (speed and memory)"
-        verdicts[kernel] = {"earns_its_place": earns, "reason": reason, "faster_at": faster, "slower_at": slower,
-                            "less_memory_at": less_memory, "more_memory_at": more_memory,
-                            "measured_speed": bool(kernels), "measured_memory": bool(memory)}
+        verdicts[kernel] = {
+            "earns_its_place": earns,
+            "reason": reason,
+            "faster_at": faster,
+            "slower_at": slower,
+            "less_memory_at": less_memory,
+            "more_memory_at": more_memory,
+            "measured_speed": bool(kernels),
+            "measured_memory": bool(memory),
+        }
     return verdicts
 
 
@@ -186,15 +204,19 @@ def compile_summary(run: dict) -> dict:
             figures["graph_breaks"] = run["graph_breaks"][name]
         models[name] = figures
     ratios = {key: ratio_of(times[a], times[b]) for key, (a, b) in COMPILE_RATIOS.items() if a in times and b in times}
-    return {**copy_keys(run, ("label", "size", "tokens_per_step", "errors", "torch_compile",
-                              "other_processes_cpu_share")), "models": models, "ratios": ratios}
+    return {
+        **copy_keys(run, ("label", "size", "tokens_per_step", "errors", "torch_compile", "other_processes_cpu_share")),
+        "models": models,
+        "ratios": ratios,
+    }
 
 
 def gpu_summary(run: dict, peak: dict) -> dict:
     out = comparison_summary(run, peak)
     datasheet = run["gpu_bf16_peak_tflops_datasheet"]
-    out.update(gpu=run["gpu"], gpu_bf16_peak_tflops_datasheet=datasheet,
-               gpu_matmul_peak_tflops_measured=peak["flops"] / 1e12)
+    out.update(
+        gpu=run["gpu"], gpu_bf16_peak_tflops_datasheet=datasheet, gpu_matmul_peak_tflops_measured=peak["flops"] / 1e12
+    )
     if datasheet:
         for name in ("quill", "llama"):
             out[f"{name}_mfu"] = out["models"][name]["flops_per_s"] / (datasheet * 1e12)
@@ -207,8 +229,11 @@ def summarize(measured: dict, environment: dict) -> dict:
     peaks = [p for p in measured.get("matmul_peak", []) if p]
     # Best of the start and end probes: a quiet moment anywhere in the run sets the bar.
     peak = max(peaks, key=lambda p: p["flops"]) if peaks else None
-    runs = [comparison_summary(r, peak) for r in
-            [*measured.get("dense", []), measured.get("packed"), measured.get("packed4096")] if r]
+    runs = [
+        comparison_summary(r, peak)
+        for r in [*measured.get("dense", []), measured.get("packed"), measured.get("packed4096")]
+        if r
+    ]
     values, bounds = headline(runs)
     kernels = [kernels_summary(r) for r in measured.get("kernels", [])]
     memory = [memory_summary(r) for r in measured.get("memory", [])]

@@ -68,8 +68,13 @@ def matmul_probe(device: str, dtype: torch.dtype | None, peak: dict, seconds: fl
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_step(model: torch.nn.Module, batch: dict, device: str, dtype: torch.dtype | None,
-              context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Callable[[], None]:
+def make_step(
+    model: torch.nn.Module,
+    batch: dict,
+    device: str,
+    dtype: torch.dtype | None,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Callable[[], None]:
     """One training step: forward with the loss, backward, optimizer step. `context` is entered around the whole
     step (the benchmark swaps Quill's kernels for their references that way, only while that model runs)."""
     # Fused AdamW: what the Trainer gives our stages by default (optim="adamw_torch_fused"); both models alike.
@@ -86,8 +91,9 @@ def make_step(model: torch.nn.Module, batch: dict, device: str, dtype: torch.dty
     return step
 
 
-def interleaved(steps: dict[str, Callable[[], None]], device: str, warmup: int, reps: int,
-                probe: Callable[[], float] | None = None) -> dict:
+def interleaved(
+    steps: dict[str, Callable[[], None]], device: str, warmup: int, reps: int, probe: Callable[[], float] | None = None
+) -> dict:
     """Seconds per step for each name: warm-up, then one step per model per repetition, the order reversed every
     other repetition (ABC, CBA, ...): alternating at the finest grain is what best cancels a neighbour's bursts.
 

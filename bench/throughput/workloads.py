@@ -54,8 +54,9 @@ GPU_124M = Size("124M", hidden=768, layers=12, heads=12, seq=1024, batch=8, voca
 # --quick: a smoke run of every code path in seconds; its numbers mean nothing.
 TINY = Size("d64-L2", hidden=64, layers=2, heads=2, seq=64, batch=2, vocab=512)
 TINY_PACKED = Size("d64-L2-packed", hidden=64, layers=2, heads=2, seq=256, batch=1, vocab=512, docs_per_row=8)
-TINY_PACKED_LONG = Size("d64-L2-packed1024", hidden=64, layers=2, heads=2, seq=1024, batch=1, vocab=512,
-                        docs_per_row=32)
+TINY_PACKED_LONG = Size(
+    "d64-L2-packed1024", hidden=64, layers=2, heads=2, seq=1024, batch=1, vocab=512, docs_per_row=32
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------

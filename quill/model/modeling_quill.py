@@ -31,13 +31,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_quill import QuillConfig
-from .kernels_quill import (
-    PACKED_ATTENTION,
-    DocumentLayout,
-    fused_causal_lm_loss,
-    rms_norm,
-    swiglu,
-)
+from .kernels_quill import PACKED_ATTENTION, DocumentLayout, fused_causal_lm_loss, rms_norm, swiglu
 
 # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` -> `cache` (generate() passes
 # `cache=`, earlier releases `past_key_values=`). Quill's forwards take both names and use `cache` inside; outputs
