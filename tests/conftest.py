@@ -17,6 +17,12 @@ if str(TESTS_DIR) not in sys.path:  # `import hub_server` works whatever pytest'
 
 from hub_server import HubServer  # noqa: E402
 
+# Under pytest-xdist (`-n auto`) every worker starts its own stage processes: split the cores between the workers so
+# that torch's thread pools (one thread per core each by default) do not oversubscribe the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 # ----------------------------------------------------------------------------- hub_server fixture
 
 # Variables that would send a client to another cache, endpoint, token or offline mode than the
@@ -76,7 +82,7 @@ class HubFixture:
         return env
 
     def run_python(
-        self, code: str, *args: str, timeout: float = 120, check: bool = True, env: dict | None = None, **extra: str
+        self, code: str, *args: str, timeout: float = 300, check: bool = True, env: dict | None = None, **extra: str
     ) -> subprocess.CompletedProcess:
         """Run `code` (dedented) in a fresh interpreter with `env()` (or `env`), capturing output.
 
