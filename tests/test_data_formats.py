@@ -79,6 +79,25 @@ def test_sources_are_recognised_by_their_columns_or_declared(tmp_path):
     assert load_source(str(plain)).column_names == ["prompt", "completion"]
 
 
+def test_chat_text_renders_conversations_as_the_chat_template_does(tmp_path):
+    """Mid-training trains on chats as plain text: exactly the template's layout, less the <|bos|> that
+    tokenizer(text) adds itself."""
+    from test_remote_code import tiny_tokenizer
+
+    chats = [r["messages"] for r in load_source(str(write_jsonl(tmp_path / "a.jsonl", ALPACA)))]
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": m, "task": "t"} for m in chats])
+    texts = load_source({"path": str(path), "format": "chat_text"})
+    assert texts.column_names == ["task", "text"]
+    tokenizer = tiny_tokenizer()
+    for chat, row in zip(chats, texts, strict=True):
+        rendered = tokenizer.apply_chat_template(chat, tokenize=False)
+        assert tokenizer.bos_token + row["text"] == rendered
+        assert (
+            tokenizer(row["text"])["input_ids"]
+            == tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+        )
+
+
 @pytest.mark.parametrize(
     ("rows", "source", "expected"),
     [
@@ -97,6 +116,8 @@ def test_sources_are_recognised_by_their_columns_or_declared(tmp_path):
         ([{"instruction": "q", "output": "a"}, {"instruction": 3, "output": "a"}], {}, "row 1: expected alpaca"),
         ([{"prompt": "q", "completion": "a"}], {"format": "alpaca"}, "expected alpaca columns instruction + output"),
         ([{"prompt": "q", "completion": "a"}], {"format": "vicuna"}, "unknown format 'vicuna'"),
+        ([{"messages": [{"role": "bot", "content": "a"}]}], {"format": "chat_text"}, "row 0: expected chat_text"),
+        ([{"prompt": "q"}], {"format": "chat_text"}, "expected chat_text columns messages"),
     ],
 )
 def test_malformed_sources_get_one_line_naming_the_format(rows, source, expected, tmp_path):

@@ -1,21 +1,24 @@
-"""Instruction data in the formats users bring, converted to chat `messages` ([{role, content}, ...]).
+"""Instruction data in the formats users bring, converted to chat `messages` ([{role, content}, ...]), and chats
+rendered as plain text for training with the language-modelling loss (mid-training).
 
 | format | columns | becomes |
 |---|---|---|
 | alpaca | instruction, output; optional input, system, history ([[question, answer], ...]) | messages |
 | sharegpt | conversations: [{from, value}, ...] with from in human/gpt/system (and their usual aliases) | messages |
+| chat_text | messages (Quill's own, or converted from the above) | text, in Quill's chat layout |
 
-A dataset_mixture entry names its format with `format: alpaca | sharegpt`; without it a source is recognised by its
-columns (instruction + output, or conversations whose first turn has `from`) unless it already has `messages`. A bad
-row stops loading with one line that names the format expected, e.g. ``data/chat.jsonl row 3: expected sharegpt
-turns {from, value} with from in {human, gpt, system}, found from 'bot'; fix: ...``.
+A dataset_mixture entry names its format with `format: alpaca | sharegpt | chat_text`; without it a source is
+recognised by its columns (instruction + output, or conversations whose first turn has `from`) unless it already has
+`messages`; chat_text is only ever declared. A bad row stops loading with one line that names the format expected,
+e.g. ``data/chat.jsonl row 3: expected sharegpt turns {from, value} with from in {human, gpt, system}, found from
+'bot'; fix: ...``.
 """
 
 import datasets
 
 from quill.errors import QuillError
 
-FORMATS = ("alpaca", "sharegpt")
+FORMATS = ("alpaca", "sharegpt", "chat_text")
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -97,12 +100,26 @@ def sharegpt_messages(row: dict) -> list[dict]:
     return messages
 
 
-CONVERTERS = {"alpaca": alpaca_messages, "sharegpt": sharegpt_messages}
+def chat_text(row: dict) -> str:
+    """A conversation in the layout of Quill's chat template (quill.data.tokenizer), without the <|bos|> that
+    tokenizer(text) adds: the pretrain stage then trains on every token of it, the prompts included."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _BadRow("chat_text 'messages' as a list of {role, content}", repr(messages)[:60], "fix the row")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise _BadRow(f"chat_text message {i} with role system/user/assistant", repr(m)[:60], "fix the role")
+        _text(m.get("content"), f"message {i} content", "chat_text", "drop empty messages or fill them in")
+    return "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages)
 
 
-def to_messages(ds, fmt: str | None, source: str):
-    """`ds` with its rows converted to a `messages` column when it is (or is declared) alpaca or ShareGPT data;
-    other columns are kept. Data in Quill's own columns comes back unchanged."""
+CONVERTERS = {"alpaca": alpaca_messages, "sharegpt": sharegpt_messages, "chat_text": chat_text}
+NEEDED = {"alpaca": ("instruction", "output"), "sharegpt": ("conversations",), "chat_text": ("messages",)}
+
+
+def apply_format(ds, fmt: str | None, source: str):
+    """`ds` converted to `messages` when it is (or is declared) alpaca or ShareGPT data, or to `text` when declared
+    chat_text; other columns are kept. Data in Quill's own columns without a declared format comes back unchanged."""
     check_format_name(fmt)
     columns = list(ds.column_names or [])
     first = next(iter(ds.take(1)), None) if isinstance(ds, datasets.IterableDataset) or len(ds) else None
@@ -111,7 +128,7 @@ def to_messages(ds, fmt: str | None, source: str):
     fmt = fmt or detect(columns, first)
     if fmt is None:
         return ds
-    needed = {"alpaca": ("instruction", "output"), "sharegpt": ("conversations",)}[fmt]
+    needed = NEEDED[fmt]
     missing = [c for c in needed if c not in columns]
     if missing:
         raise QuillError(
@@ -122,11 +139,11 @@ def to_messages(ds, fmt: str | None, source: str):
 
     def convert_row(row: dict, index: int) -> dict:
         try:
-            return {"messages": convert(row)}
+            return {"text" if fmt == "chat_text" else "messages": convert(row)}
         except _BadRow as bad:
             raise QuillError(f"{source} row {index}: expected {bad.expected}, found {bad.found}", bad.fix) from None
 
-    drop = [c for c in columns if c in (*ALPACA_COLUMNS, "conversations")]
+    drop = [c for c in columns if c in (*ALPACA_COLUMNS, "conversations", "messages")]
     try:
         return ds.map(convert_row, with_indices=True, remove_columns=drop)
     except QuillError:
