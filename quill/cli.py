@@ -2,7 +2,7 @@
 
     quill run RECIPE [--output-dir D] [--from S] [--until S] [--overwrite] [--accelerate-config X] [key=value ...]
     quill <stage> --config FILE [key=value ...]     stage: tokenizer, pretrain, sft, dpo, reward, rl
-    quill eval | report | chat | serve ...         quill.tools.eval / report / chat / serve (each has --help)
+    quill eval | report | chat | serve | attention ...   quill.tools.<command> (each has --help)
     quill --debug <command> ...                    full tracebacks (same as QUILL_DEBUG=1, which stages inherit)
 
 RECIPE is a recipe folder or the name of a shipped one (`tiny`, `gpt2-124m`). Errors a user can fix print as one
@@ -22,6 +22,7 @@ TOOLS = {
     "report": "quill.tools.report",
     "chat": "quill.tools.chat",
     "serve": "quill.tools.serve",
+    "attention": "quill.tools.attention",
 }
 USAGE = __doc__.split("\n\n")[1]
 
