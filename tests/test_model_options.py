@@ -140,6 +140,7 @@ def test_qlora_loads_quantized_and_trains_on_cpu(checkpoint, bits, tmp_path):
         (["hub_strategy=end"], "hub_strategy is not accepted"),
         (["model_init_kwargs={torch_dtype: bfloat16}"], "model_init_kwargs is not accepted"),
         (["hub_model_id=me/x"], "hub_model_id is set but push_to_hub is false"),
+        (["model_revision=v2"], "model_revision is set but there is no model_name_or_path"),
         (["use_peft=true", "lora_target_parameters=[mlp.down_proj.weight]"], "only without dropout"),
     ],
 )
@@ -152,3 +153,36 @@ def test_model_config_vocab_size_is_refused(checkpoint):
     _, tokenizer = checkpoint
     with pytest.raises(QuillError, match="model_config.vocab_size is set"):
         load_model(model_args("model_config={depth: 1, vocab_size: 512}"), tokenizer)
+
+
+def test_model_revision_loads_that_revision_from_the_hub(checkpoint, hub_server, tmp_path):
+    """Two commits of one Hub repo: `model_revision=<first commit>` loads the first weights, no revision the second."""
+    path, _ = checkpoint
+    code = """
+        import sys, torch
+        from huggingface_hub import HfApi
+        from safetensors.torch import load_file, save_file
+        from quill.loading import load_model, load_tokenizer
+        from quill.arguments import ModelArguments
+
+        path, changed = sys.argv[1], sys.argv[2]
+        api = HfApi()
+        api.create_repo("user/m")
+        first = api.upload_folder(folder_path=path, repo_id="user/m").oid
+        weights = load_file(f"{path}/model.safetensors")
+        save_file({k: v + 1.0 for k, v in weights.items()}, f"{changed}/model.safetensors", metadata={"format": "pt"})
+        api.upload_folder(folder_path=changed, repo_id="user/m")
+
+        def embedding(revision):
+            args = ModelArguments(model_name_or_path="user/m", model_revision=revision, trust_remote_code=True)
+            model = load_model(args, load_tokenizer("user/m", revision=revision))
+            return model.get_input_embeddings().weight
+
+        local = weights["model.embed_tokens.weight"]
+        assert torch.equal(embedding(first), local), "model_revision was not honoured"
+        assert torch.equal(embedding(None), local + 1.0), "no revision must load the newest commit"
+        print("ok")
+    """
+    (tmp_path / "changed").mkdir()
+    proc = hub_server.run_python(code, str(path), str(tmp_path / "changed"), timeout=300)
+    assert proc.stdout.strip().endswith("ok")
