@@ -74,6 +74,10 @@ def load_stages(run_dir: Path) -> list[StageReport]:
     found = []
     for folder in folders:
         metrics, log = read_json(folder / "metrics.json"), _read_list(folder / "training_log.json")
+        # lm-evaluation-harness rows that `quill eval --lm-eval` saved for this stage (quill.tools.eval)
+        evaluated = read_json(run_dir / "eval" / f"{folder.name}.json").get("metrics")
+        if isinstance(evaluated, dict):
+            metrics = {**metrics, **{k: v for k, v in evaluated.items() if k.startswith("lm_eval/")}}
         if metrics or log:
             stage = read_json(folder / MARKER)
             found.append(StageReport(folder.name, folder, metrics, log, stage.get("done") is True))
