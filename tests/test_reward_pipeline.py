@@ -3,6 +3,7 @@ chosen over a rude one), it returns the raw reward labelled `reward` for plain t
 the model's own logit gives, and scores a held-out polite answer above a rude one."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +44,7 @@ def reward_dir(tmp_path_factory):
         "save_steps=25",
         "use_cpu=true",
         "dataloader_num_workers=0",
+        "report_to=[tensorboard]",  # a stage run on its own, outside quill run: its own tracker run
     ]
     done = run_quill(args, tiny["env"])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -75,3 +77,18 @@ def test_reward_folder_is_a_text_classification_pipeline(reward_dir):
         assert result["score"] == pytest.approx(logit(ids), abs=1e-4)
         scores[side] = result["score"]
     assert scores["chosen"] > scores["rejected"] + 0.5, scores
+
+
+def test_reward_stage_reports_its_losses_to_tensorboard(reward_dir):
+    pytest.importorskip("tensorboard", reason="the tracking extra (pip install quill[tracking]) is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [project] = list((Path(reward_dir).parent / "tensorboard").iterdir())
+    assert project.name.startswith("reward-")  # not under quill run: the stage is its own run
+    events = EventAccumulator(str(project / "reward"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    log = json.loads((Path(reward_dir) / "training_log.json").read_text())
+    expected = [(r["step"], r["loss"]) for r in log if "loss" in r]
+    assert len(expected) == 5 and [s for s, _ in logged] == [s for s, _ in expected]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
