@@ -2,7 +2,7 @@
 
     quill run RECIPE [--output-dir D] [--from S] [--until S] [--overwrite] [--accelerate-config X] [key=value ...]
     quill <stage> --config FILE [key=value ...]     stage: tokenizer, pretrain, sft, dpo, reward, rl
-    quill eval | report | chat ...                 quill.tools.eval / report / chat (each has --help)
+    quill eval | report | chat | serve | attention ...   quill.tools.<command> (each has --help)
     quill --debug <command> ...                    full tracebacks (same as QUILL_DEBUG=1, which stages inherit)
 
 RECIPE is a recipe folder or the name of a shipped one (`tiny`, `gpt2-124m`). Errors a user can fix print as one
@@ -17,7 +17,13 @@ import sys
 from quill.errors import DEBUG_ENV, QuillError, debug_enabled, did_you_mean, run_guarded
 from quill.stages import STAGES, stage_module
 
-TOOLS = {"eval": "quill.tools.eval", "report": "quill.tools.report", "chat": "quill.tools.chat"}
+TOOLS = {
+    "eval": "quill.tools.eval",
+    "report": "quill.tools.report",
+    "chat": "quill.tools.chat",
+    "serve": "quill.tools.serve",
+    "attention": "quill.tools.attention",
+}
 USAGE = __doc__.split("\n\n")[1]
 
 

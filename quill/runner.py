@@ -59,6 +59,8 @@ def _run_plans(recipe: Recipe, out: Path, plans: list[StagePlan], overrides: lis
     results = [StageRun(p.spec.name, "not run") for p in plans]
     record = run_record(recipe, out, plans, overrides)
     current, started = None, time.monotonic()
+    # One tracker run name for every stage of this `quill run` (quill.stages.tracking groups them by it).
+    run_name = f"{recipe.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     try:
         for i, (plan, result) in enumerate(zip(plans, results, strict=True), start=1):
             tag = f"[{i}/{len(plans)}] {plan.spec.name}"
@@ -72,7 +74,7 @@ def _run_plans(recipe: Recipe, out: Path, plans: list[StagePlan], overrides: lis
             command = stage_command(plan)
             print(f"{tag}: {shlex.join(['python', *command[1:]])}", flush=True)
             current, started = result, time.monotonic()
-            result.returncode = _run_process(command, stage_env(recipe, plan, debug))
+            result.returncode = _run_process(command, stage_env(recipe, plan, debug, run_name))
             result.seconds, current = time.monotonic() - started, None
             if result.returncode in (130, -signal.SIGINT):
                 result.status = "interrupted"
@@ -111,9 +113,9 @@ def stage_command(plan: StagePlan) -> list[str]:
     return [*launch, "-m", spec.module, *plan.argv]
 
 
-def stage_env(recipe: Recipe, plan: StagePlan, debug: bool) -> dict[str, str]:
+def stage_env(recipe: Recipe, plan: StagePlan, debug: bool, run_name: str) -> dict[str, str]:
     env = {**os.environ, **recipe.env, "PYTHONUNBUFFERED": "1"}  # live output through pipes and launchers
-    env["QUILL_RUN_NAME"] = f"{recipe.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"  # groups the stages in trackers
+    env["QUILL_RUN_NAME"] = run_name  # the same for every stage of the run: groups them in trackers
     if debug:
         env["QUILL_DEBUG"] = "1"
     if plan.spec.use_cpu:  # accelerate's multi-process launcher drops use_cpu; TrainingArguments reads this

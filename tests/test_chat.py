@@ -1,43 +1,49 @@
-"""`quill chat`: a real terminal session through a pseudo-terminal, and the conversation it keeps."""
+"""`quill chat`: transformers' terminal client against quill serve's server, driven through a pseudo-terminal."""
 
 import contextlib
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
 import time
 
 import pytest
-import torch
-from test_evaluation import make_checkpoint  # tests/ is on sys.path (conftest.py)
+from planted_chat import ANSWER, QUESTION, SYSTEM, answer_tokens, build_chat_model
 
-from quill.data.tokenizer import END
+from quill.errors import QuillError
 from quill.loading import load_tokenizer
-from quill.model import QuillForCausalLM
 from quill.tools import chat
+
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("chat") / "sft")
+def chat_model(tmp_path_factory):
+    return build_chat_model(tmp_path_factory.getbasetemp() / "planted_chat")
 
 
 class Terminal:
     """A child process on a pseudo-terminal: it sees a real tty, as when a person types."""
 
-    def __init__(self, argv: list[str]):
+    def __init__(self, argv: list[str], cwd=None):
         self.fd, child = pty.openpty()
-        self.proc = subprocess.Popen(argv, stdin=child, stdout=child, stderr=child, close_fds=True)
+        self.proc = subprocess.Popen(argv, stdin=child, stdout=child, stderr=child, close_fds=True, cwd=cwd)
         os.close(child)
         self.output = b""
 
-    def expect(self, text: bytes, count: int = 1, timeout: float = 60) -> None:
-        """Read until `text` has appeared `count` times in all output so far."""
+    @property
+    def text(self) -> bytes:
+        """What a person reads: the output without colour and cursor codes."""
+        return ANSI.sub(b"", self.output)
+
+    def expect(self, text: bytes, count: int = 1, timeout: float = 120) -> None:
+        """Read until `text` has appeared `count` times in the (plain) output so far."""
         deadline = time.time() + timeout
-        while self.output.count(text) < count:
+        while self.text.count(text) < count:
             if time.time() > deadline or self.proc.poll() is not None and not self._ready(0):
-                raise AssertionError(f"waited for {text!r} x{count}; got:\n{self.output.decode(errors='replace')}")
+                raise AssertionError(f"waited for {text!r} x{count}; got:\n{self.text.decode(errors='replace')}")
             if self._ready(0.2):
                 with contextlib.suppress(OSError):  # the child closed the terminal
                     self.output += os.read(self.fd, 4096)
@@ -54,47 +60,50 @@ class Terminal:
         os.close(self.fd)
 
 
-def test_chat_in_a_terminal_answers_two_turns_and_exits_on_ctrl_d(ckpt):
+def test_chat_in_a_terminal_answers_two_turns_stops_each_at_the_end_of_turn_and_exits_on_ctrl_d(chat_model, tmp_path):
     term = Terminal(
-        [sys.executable, "-m", "quill.cli", "chat", str(ckpt), "--max-new-tokens", "5", "--system", "Answer briefly."]
+        [sys.executable, "-m", "quill.cli", "chat", str(chat_model), "--max-new-tokens", "12", "--system", SYSTEM],
+        cwd=tmp_path,
     )
+    stats = f"{answer_tokens(load_tokenizer(str(chat_model)))} tokens in".encode()  # printed after each reply
     try:
-        term.expect(chat.PROMPT.encode())
-        term.send(b"What is 12 + 7?\n")
-        term.expect(chat.REPLY.encode())
-        term.expect(chat.PROMPT.encode(), count=2)  # the reply streamed and ended; the next turn is offered
-        term.send(b"And reversed: go, hundred?\n")
-        term.expect(chat.PROMPT.encode(), count=3)
+        term.expect(b"was already loaded", timeout=300)  # the server is up and the client has connected
+        time.sleep(0.5)
+        term.send(QUESTION.encode() + b"\r")
+        term.expect(stats)
+        term.send(b"!status\r")
+        term.expect(b"max_new_tokens")
+        term.send(QUESTION.encode() + b"\r")
+        term.expect(stats, count=2)
+        time.sleep(0.5)
         term.send(b"\x04")  # Ctrl-D at an empty prompt: end of input
-        assert term.proc.wait(timeout=30) == 0
-        assert term.output.count(chat.REPLY.encode()) == 2
-        assert b"Traceback" not in term.output and b"error" not in term.output
+        assert term.proc.wait(timeout=60) == 0
+        assert term.text.count(ANSWER.encode()) >= 2
+        assert b"Traceback" not in term.output and b"error" not in term.text
     finally:
         term.close()
 
 
-def test_chat_keeps_the_history_resets_and_exits(ckpt, monkeypatch, capsys):
-    tok = load_tokenizer(str(ckpt))
-    model = QuillForCausalLM.from_pretrained(ckpt).eval()
-    prompts = []
+def test_generation_flags_default_to_greedy_with_the_reply_budget():
+    assert chat.generate_flags(7, []) == ["do_sample=false", "max_new_tokens=7"]
+    assert chat.generate_flags(7, ["do_sample=true", "temperature=0.7"]) == [
+        "do_sample=true",
+        "temperature=0.7",
+        "max_new_tokens=7",
+    ]
+    assert chat.generate_flags(7, ["max_new_tokens=3"]) == ["do_sample=false", "max_new_tokens=3"]
+    with pytest.raises(QuillError, match="is not key=value"):
+        chat.generate_flags(7, ["temperature"])
 
-    def generate(input_ids, attention_mask, generation_config, streamer):  # a planted reply, streamed like generate
-        prompts.append(tok.decode(input_ids[0]))
-        reply = torch.tensor([tok(f"reply {len(prompts)}{END}", add_special_tokens=False)["input_ids"]])
-        streamer.put(input_ids.cpu())
-        streamer.put(reply[0])
-        streamer.end()
-        return torch.cat([input_ids, reply], dim=1)
 
-    model.generate = generate
-    monkeypatch.setattr(chat, "load_chat_model", lambda path, trust_remote_code: (model, tok))
-    lines = iter(["first question", "second question", "/reset", "third question", "/exit", "never read"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    chat.main([str(ckpt), "--system", "Be brief."])  # returns: /exit is a normal end
-
-    assert len(prompts) == 3
-    # Turn 2 sees turn 1 (question and the model's own reply); after /reset only the system message stays.
-    assert "first question" in prompts[1] and "reply 1" in prompts[1] and "Be brief." in prompts[1]
-    assert "first question" not in prompts[2] and "Be brief." in prompts[2]
-    assert capsys.readouterr().out.count("reply ") == 3  # streamed to the terminal
-    assert next(lines) == "never read"
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [(["--max-new-tokens", "0"], "--max-new-tokens expected a positive number"), (["top_p"], "is not key=value")],
+)
+def test_bad_options_get_one_line_before_anything_loads(args, expected, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "quill.cli", "chat", str(tmp_path), *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]

@@ -6,6 +6,8 @@ import pytest
 
 from quill.recipe import load_recipe, plan_recipe
 
+# Stages each shipped recipe runs; the rest run the whole chain.
+STAGES = {"tiny-midtrain": ["tokenizer", "pretrain", "midtrain", "sft"]}
 RECIPES = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*/recipe.yaml"))
 
 
@@ -15,4 +17,4 @@ def test_recipe_plans_every_stage(recipe_dir, tmp_path):
     # GPU recipes ask for bf16, which TrainingArguments refuses on a machine without a GPU unless use_cpu is set.
     plans = plan_recipe(recipe, tmp_path / "out", overrides=["use_cpu=true"])
     names = [p.spec.name for p in plans]
-    assert names == ["tokenizer", "pretrain", "sft", "dpo", "reward", "rl"]
+    assert names == STAGES.get(recipe_dir.name, ["tokenizer", "pretrain", "sft", "dpo", "reward", "rl"])

@@ -65,7 +65,7 @@ def _messages(value, need_assistant: bool) -> None:
             raise _Bad(
                 f"message {i} with keys role and content",
                 f"{keys}",
-                "convert ShareGPT-style {from, value} messages to {role, content}"
+                "ShareGPT turns: declare `format: sharegpt` on the source and keep its conversations column"
                 if isinstance(message, dict) and "from" in message
                 else "give every message a role and a content",
             )

@@ -15,6 +15,7 @@ import datasets
 import numpy as np
 from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 
+from quill.data.formats import apply_format, check_format_name
 from quill.data.schemas import check_schema
 from quill.errors import QuillError, did_you_mean
 
@@ -36,6 +37,7 @@ class DataSource:
     weight: float = 1.0  # rows taken = weight x rows: 0.25 keeps a quarter, 2.0 repeats every row twice
     columns: dict[str, str] = field(default_factory=dict)  # renames old -> new, e.g. {"conversations": "messages"}
     max_samples: int | None = None  # keep only the first N rows (after renaming, before weighting)
+    format: str | None = None  # alpaca, sharegpt, chat_text (quill.data.formats); None: alpaca/sharegpt recognised
 
     @classmethod
     def parse(cls, spec: "DataSource | str | dict") -> "DataSource":
@@ -63,6 +65,7 @@ class DataSource:
             raise QuillError(f"expected weight > 0, found {src.weight!r}", "use e.g. weight: 0.5")
         if src.max_samples is not None and (not isinstance(src.max_samples, int) or src.max_samples < 1):
             raise QuillError(f"expected max_samples >= 1, found {src.max_samples!r}", "drop it or use 1 or more")
+        check_format_name(src.format)
         if not isinstance(src.columns, dict):
             raise QuillError(
                 f"expected columns as a mapping old: new, found {src.columns!r}", "write `columns: {old: new}`"
@@ -220,6 +223,7 @@ def load_source(src: "DataSource | str | dict", streaming: bool = False):
         ds = ds.rename_columns(src.columns)
     if src.max_samples is not None:
         ds = ds.take(src.max_samples) if streaming else ds.select(range(min(src.max_samples, len(ds))))
+    ds = apply_format(ds, src.format, src.path)  # alpaca / ShareGPT rows become chat messages (quill.data.formats)
     empty = next(iter(ds.take(1)), None) is None if streaming else len(ds) == 0
     if empty:
         raise QuillError(

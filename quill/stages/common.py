@@ -46,6 +46,7 @@ from quill.output import (
     staged_path,
     write_json,
 )
+from quill.stages.tracking import configure_tracking
 
 # TRL's configs default gradient_checkpointing=True, which transformers 5 flags as deprecated on every TRL stage
 # start; that warning would break the one-line `error: ...` contract on stderr.
@@ -106,6 +107,7 @@ def start_stage(name, data_args, model_args, args, run, task: str = CAUSAL_LM) -
     args.push_to_hub = False  # the finished folder is pushed once, by run_stage, not every checkpoint mid-run
     args.logging_nan_inf_filter = False  # a NaN must be seen, not averaged away
     args.include_num_input_tokens_seen = "all"  # tokens seen and throughput go into the report card
+    configure_tracking(args, out)  # report_to: one project per `quill run`, a run per stage
     set_seed(args.seed)
     if args.use_cpu or not torch.cuda.is_available():
         keep_freed_memory()  # each step reuses the last one's pages (quill/allocator.py)

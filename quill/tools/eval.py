@@ -1,10 +1,13 @@
 """`quill eval`: every held-out metric that applies to a model folder or Hub id, Quill or not.
 
     quill eval MODEL_OR_DIR [--data-dir D] [--limit N] [--output FILE] [--trust-remote-code]
+               [--lm-eval TASKS [--lm-eval-include DIR] [--lm-eval-only]]
 
 A reward model gets preference accuracy; a causal LM gets held-out loss / bits per byte and task accuracy, plus
 mean reward (RL stage) or DPO implicit-reward accuracy (a DPO stage whose starting model is found). Results are
-printed and written to --output (default: ./eval_results/<model name>.json, never inside the model folder).
+printed and written to --output (default: ./eval_results/<model name>.json, never inside the model folder; for a
+stage folder of a `quill run`, OUT/eval/<stage>.json, whose lm-eval rows `quill report` shows with the stage).
+`--lm-eval TASKS` adds lm-evaluation-harness results (quill.tools.harness; `pip install quill[lm-eval]`).
 """
 
 import argparse
@@ -27,6 +30,7 @@ from quill.metrics import (
     score_completions,
 )
 from quill.output import MARKER, read_json
+from quill.tools.harness import parse_tasks, run_lm_eval
 
 # Rows `quill eval` scores from the default data when --limit is not given: enough to compare stages, quick on CPU.
 DEFAULT_EVAL_ROWS = {"pretrain_eval": None, "rl_eval": 200, "dpo_eval": 100}
@@ -198,17 +202,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSON file for the results (default: eval_results/<model name>.json here)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation budget per task answer")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modeling code to run")
+    p.add_argument("--lm-eval", metavar="TASKS", help="also run these lm-evaluation-harness tasks (comma-separated)")
+    p.add_argument("--lm-eval-include", metavar="DIR", help="folder of your own lm-eval task YAMLs")
+    p.add_argument("--lm-eval-only", action="store_true", help="only lm-eval, not Quill's own held-out metrics")
     return p
+
+
+def default_output(model: str) -> Path:
+    folder = Path(model)
+    if (folder / MARKER).exists() and (folder.parent / "quill_run.json").exists():
+        return folder.parent / "eval" / f"{folder.name}.json"  # beside the stages, where quill report reads it
+    return Path("eval_results") / f"{folder.name or 'model'}.json"
 
 
 def run(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise QuillError(f"--limit expected a positive number of rows, found {args.limit}")
-    metrics = evaluate_model(args.model, args.data_dir, args.limit, args.trust_remote_code, args.max_new_tokens)
+    if not args.lm_eval and (args.lm_eval_include or args.lm_eval_only):
+        raise QuillError("--lm-eval-include and --lm-eval-only go with --lm-eval", "add --lm-eval TASKS")
+    if args.lm_eval_only and args.data_dir:
+        raise QuillError("--data-dir feeds Quill's own metrics, which --lm-eval-only skips", "drop one of them")
+    tasks = parse_tasks(args.lm_eval) if args.lm_eval else []
+    metrics = {}
+    if not args.lm_eval_only:
+        metrics = evaluate_model(args.model, args.data_dir, args.limit, args.trust_remote_code, args.max_new_tokens)
+    if tasks:  # --limit caps the harness's documents per task too
+        metrics.update(run_lm_eval(args.model, tasks, args.lm_eval_include, args.limit, args.trust_remote_code))
     print(format_table(metrics), flush=True)
     # Never inside the model folder: a finished stage folder is the stage's alone.
-    output = Path(args.output) if args.output else Path("eval_results") / f"{Path(args.model).name or 'model'}.json"
+    output = Path(args.output) if args.output else default_output(args.model)
     result = {"model": args.model, "data_dir": args.data_dir, "limit": args.limit, "metrics": metrics}
     try:
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -68,16 +68,37 @@ class StageReport:
 
 
 def load_stages(run_dir: Path) -> list[StageReport]:
-    """Every stage folder of the run that wrote metrics or a log: the known stages in pipeline order, then others."""
+    """Every stage folder of the run that wrote metrics or a log: the known stages in pipeline order, with a stage
+    that only the run's recipe names (e.g. midtrain) where the recipe puts it, then any others."""
     folders = [p for p in sorted(run_dir.iterdir()) if p.is_dir()] if run_dir.is_dir() else []
     found = []
     for folder in folders:
         metrics, log = read_json(folder / "metrics.json"), _read_list(folder / "training_log.json")
+        # lm-evaluation-harness rows that `quill eval --lm-eval` saved for this stage (quill.tools.eval)
+        evaluated = read_json(run_dir / "eval" / f"{folder.name}.json").get("metrics")
+        if isinstance(evaluated, dict):
+            metrics = {**metrics, **{k: v for k, v in evaluated.items() if k.startswith("lm_eval/")}}
         if metrics or log:
             stage = read_json(folder / MARKER)
             found.append(StageReport(folder.name, folder, metrics, log, stage.get("done") is True))
-    rank = {name: i for i, name in enumerate(STAGES)}
+    order, recipe = list(STAGES), recipe_stages(run_dir)
+    for i, name in enumerate(recipe):  # a stage only the recipe has goes right after the stage it follows there
+        if name not in order:
+            after = next((p for p in reversed(recipe[:i]) if p in order), None)
+            order.insert(order.index(after) + 1 if after else 0, name)
+    rank = {name: i for i, name in enumerate(order)}
     return sorted(found, key=lambda s: (rank.get(s.name, len(rank)), s.name))
+
+
+def recipe_stages(run_dir: Path) -> list[str]:
+    """Stage names in the order the recipe of the run record lists them (all of them, whichever ran)."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(read_json(run_dir / RUN_RECORD).get("recipe_yaml") or "") or {}
+        return [str(s["name"]) for s in recipe.get("stages") or [] if isinstance(s, dict) and "name" in s]
+    except (yaml.YAMLError, AttributeError):
+        return []
 
 
 def _read_list(path: Path) -> list:
