@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from test_resume_ddp import sft_reference  # noqa: F401  (a fixture: the uninterrupted single-process SFT run)
 from tiny_outputs import REPO, is_done, pretrain_argv, sft_argv
 
+pytestmark = pytest.mark.slow  # two-process launches
+
 ACCELERATE = REPO / "quill" / "recipes" / "accelerate"
 
 
