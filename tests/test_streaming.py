@@ -113,6 +113,7 @@ def _take(stream, n: int) -> list[dict]:
 # ----------------------------------------------------------------------------- kill and resume a streamed stage
 
 
+@pytest.mark.slow
 def test_killed_streamed_pretrain_resumes_at_its_stream_position(tiny, fineweb_local, streamed_reference, tmp_path):
     out = tmp_path / "pretrain"
     cmd = [sys.executable, "-m", "quill.stages.pretrain", *streamed_pretrain_argv(out, tiny["tok"], fineweb_local)]
