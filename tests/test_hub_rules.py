@@ -10,13 +10,14 @@ from quill.hub import model_card
 
 LOCAL_CARD = "---\nlibrary_name: transformers\nbase_model: /home/me/runs/pretrain\ndatasets:\n- ./data/sft.jsonl\n---\n"
 
-# argv: folder, repo id, private (0/1). Prints the pushed url or the one-line QuillError.
+# argv: folder, repo id, private (0/1)[, revision]. Prints the pushed url or the one-line QuillError.
 PUSH = """
     import sys
     from quill.errors import QuillError
     from quill.hub import push_folder
+    revision = sys.argv[4] if len(sys.argv) > 4 else None
     try:
-        print("PUSHED", push_folder(sys.argv[1], sys.argv[2], private=sys.argv[3] == "1", attempts=3, wait=0))
+        print("PUSHED", push_folder(sys.argv[1], sys.argv[2], sys.argv[3] == "1", revision, attempts=3, wait=0))
     except QuillError as err:
         print("ERROR", err.problem)
         sys.exit(2)
@@ -57,3 +58,13 @@ def test_quill_cards_pass_and_a_local_path_card_is_refused_once(hub_server, tmp_
     # huggingface_hub turns the validator's 400 into a ValueError naming the rule broken.
     assert "not retried" in refused.stdout and "is not a valid model id" in refused.stdout, refused.stdout
     assert len(hub_server.requests("POST", "/api/models/user/bad/commit/")) - before <= 1  # not retried
+
+
+def test_hub_revision_pushes_to_that_branch(hub_server, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "README.md").write_text(model_card(stage="sft", base_model="gpt2", datasets=[], metrics={}))
+    (folder / "config.json").write_text("{}")
+    hub_server.run_python(PUSH, str(folder), "user/branched", "0", "dev")
+    repo = hub_server.server.store.get("model", "user/branched")
+    assert "config.json" in repo.resolve("dev").files and "config.json" not in repo.resolve("main").files
