@@ -58,8 +58,13 @@ def save_full_model(trainer, folder: Path) -> None:
     """Every process calls this: the full weights are gathered (FSDP, ZeRO-3) and written on the main process."""
     accelerator = trainer.accelerator
     if trainer.is_deepspeed_enabled:
+        engine = trainer.model_wrapped
         # ZeRO-3 gathers the partitioned weights only when its config says so; the final model always needs them.
-        trainer.model_wrapped._config.zero_config.gather_16bit_weights_on_model_save = True
+        engine._config.zero_config.gather_16bit_weights_on_model_save = True
+        # As Trainer.save_model does, but its ZeRO-2 state dict is cloned tensor by tensor (deepspeed's
+        # clone_tensors_for_torch_save), so tied weights lose their shared storage: _save_gathered drops the copies.
+        _save_gathered(accelerator, accelerator.unwrap_model(trainer.model), accelerator.get_state_dict(engine), folder)
+        return
     if not trainer.is_fsdp_enabled:
         trainer.save_model(str(folder))
         return
@@ -69,13 +74,19 @@ def save_full_model(trainer, folder: Path) -> None:
         trainer.save_model(str(folder))
         return
     state_dict = accelerator.get_state_dict(trainer.model)  # a collective: every rank takes part
-    if accelerator.is_main_process:
-        # The gathered tensors share no storage, so save_pretrained would keep both sides of a tied pair.
-        for tied, source in (getattr(trainer.model, "all_tied_weights_keys", None) or {}).items():
-            if tied in state_dict and source in state_dict and torch.equal(state_dict[tied], state_dict[source]):
-                del state_dict[tied]
-        with own_class(trainer.model) as model:
-            model.save_pretrained(folder, state_dict=state_dict)
+    with own_class(trainer.model) as model:
+        _save_gathered(accelerator, model, state_dict, folder)
+
+
+def _save_gathered(accelerator, model, state_dict: dict, folder: Path) -> None:
+    """Write a gathered state dict on the main process. Gathered tensors share no storage, so save_pretrained would
+    keep both sides of a tied pair (lm_head beside the embedding): the tied copy is dropped, as a plain save does."""
+    if not accelerator.is_main_process:
+        return
+    for tied, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if tied in state_dict and source in state_dict and torch.equal(state_dict[tied], state_dict[source]):
+            del state_dict[tied]
+    model.save_pretrained(folder, state_dict=state_dict)
 
 
 def eval_loss(trainer) -> float:
