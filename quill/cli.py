@@ -1,6 +1,6 @@
 """`quill`: run a recipe, a single stage, or one of the tools around them.
 
-    quill run RECIPE [--output-dir D] [--from S] [--until S] [--overwrite] [--accelerate-config X] [key=value ...]
+    quill run RECIPE [--output-dir D] [--from S] [--until S] [--overwrite] [--accelerate-config X] [--smoke] [k=v ...]
     quill <stage> --config FILE [key=value ...]     stage: tokenizer, pretrain, sft, dpo, reward, rl
     quill eval | report | chat | serve | attention ...   quill.tools.<command> (each has --help)
     quill --debug <command> ...                    full tracebacks (same as QUILL_DEBUG=1, which stages inherit)
@@ -96,6 +96,12 @@ def _run_parser() -> argparse.ArgumentParser:
         help="run every stage under accelerate launch with this config (a file, or a shipped name: "
         "cpu, cpu_ddp, single_gpu, multi_gpu, fsdp2, deepspeed_zero2, deepspeed_zero3, multi_node)",
     )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check that the recipe runs end to end, not a training run: every stage for 2 steps at tiny size as "
+        "one CPU process, each dataset capped at 64 rows (read before more is downloaded), into <output_dir>-smoke",
+    )
     p.add_argument("--debug", action="store_true", help="full tracebacks, here and in the stages")
     return p
 
@@ -115,6 +121,7 @@ def _run(argv: list[str]) -> None:
         overwrite=args.overwrite,
         debug=debug_enabled(),
         accelerate_config=args.accelerate_config,
+        smoke=args.smoke,
     )
 
 

@@ -85,8 +85,14 @@ def _status(err: Exception) -> int | None:
 
 
 def _retryable(err: Exception) -> bool:
+    """A retry can pass: the Hub is busy (429) or failing (5xx), or the network dropped (no answer at all). Any
+    other error (4xx, a card the Hub's metadata check refuses, a bad argument) fails the same way every time."""
     status = _status(err)
-    return status is None or status == 429 or status >= 500  # no status: a connection that never answered
+    if status is not None:
+        return status == 429 or status >= 500
+    # huggingface_hub's HTTP client (httpx, or its fork httpx2) raises a TransportError subclass for network failures.
+    network = any(cls.__name__ == "TransportError" for cls in type(err).__mro__)
+    return network or isinstance(err, (ConnectionError, TimeoutError))
 
 
 def push_folder(
@@ -105,7 +111,15 @@ def push_folder(
     api = HfApi()
     for attempt in range(1, attempts + 1):
         try:
-            api.create_repo(repo_id, exist_ok=True, private=bool(private))
+            # A name without a namespace is created under the user's: push to the id the Hub gives back.
+            repo_id = api.create_repo(repo_id, exist_ok=True, private=bool(private)).repo_id
+            if private and not api.model_info(repo_id).private:  # create_repo leaves an existing repo as it is
+                raise QuillError(
+                    f"the Hub repo '{repo_id}' exists and is public, so hub_private_repo: true would not keep this "
+                    "push private",
+                    f"make the repo private on the Hub first, or push to a new repo; the local folder {folder} is "
+                    "complete",
+                )
             if revision:
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             info = api.upload_folder(
@@ -116,12 +130,15 @@ def push_folder(
                 commit_message="Upload Quill checkpoint",
             )
             return getattr(info, "commit_url", repo_id)
+        except QuillError:
+            raise
         except Exception as err:  # network and HTTP errors differ across huggingface_hub versions
             if attempt == attempts or not _retryable(err):
                 status = _status(err)
+                why = f"HTTP {status}, not retried" if status else "not retried"
                 raise QuillError(
                     f"push to the Hub repo '{repo_id}' failed"
-                    + (f" after {attempts} attempts" if _retryable(err) else f" (HTTP {status}, not retried)")
+                    + (f" after {attempts} attempts" if _retryable(err) else f" ({why})")
                     + f" ({type(err).__name__}: {one_line(err, 200)})",
                     f"the local folder {folder} is complete; check the repo id, your token (HF_TOKEN or "
                     "`hf auth login`) and the network, then push it with `hf upload`",

@@ -8,6 +8,7 @@ A recipe can name Python modules (`module:`) and environment variables (`env:`):
 
 import dataclasses
 import importlib
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -271,8 +272,10 @@ def plan_recipe(
     until_stage: str | None = None,
     overrides: list[str] | tuple = (),
     overwrite: bool = False,
+    smoke: bool = False,
 ) -> list[StagePlan]:
-    """Everything up front, before any stage runs: stage selection, imports, arguments, dependencies, skips."""
+    """Everything up front, before any stage runs: stage selection, imports, arguments, dependencies, skips.
+    With `smoke`, every selected stage is shrunk first (smoke_overrides); the user's overrides still win."""
     names = [s.name for s in recipe.stages]
     first = recipe.index(from_stage, "--from") if from_stage else 0
     last = recipe.index(until_stage, "--until") if until_stage else len(names) - 1
@@ -288,6 +291,8 @@ def plan_recipe(
                 f"{s.where}: its module {s.module} accepts no {' or '.join(sorted(missing))}",
                 "add quill.arguments.RunArguments (output_dir, overwrite) to its ARG_TYPES",
             )
+    if smoke:
+        overrides = [o for s in selected for o in smoke_overrides(s, accepted[s.name])] + list(overrides)
     routed = route_overrides(list(overrides), names, accepted)
     tokenizer_stage = next((s for s in recipe.stages if s.kind == "tokenizer"), None)
     plans = []
@@ -333,6 +338,51 @@ def plan_recipe(
         skip = not overwrite and not upstream_runs and check_finished(out, fingerprint(parsed), s.name) is not None
         plans.append(StagePlan(s, out, argv, skip))
     return plans
+
+
+# `quill run --smoke`: does every stage of a recipe run, end to end? Each stage trains for SMOKE["max_steps"] steps
+# on one CPU process, at tiny size, every dataset capped at SMOKE_ROWS rows (read before anything more is downloaded).
+SMOKE = {
+    "max_steps": 2,
+    "save_steps": 2,
+    "logging_steps": 1,
+    "warmup_steps": 0,
+    "per_device_train_batch_size": 2,
+    "per_device_eval_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "use_cpu": True,
+    "bf16": False,
+    "fp16": False,
+    "dataloader_num_workers": 0,
+    "gradient_checkpointing": False,
+    "report_to": "none",
+    "max_length": 512,  # long enough that TRL keeps real-length chat samples (it drops longer preference pairs)
+    "max_completion_length": 8,
+    "num_generations": 2,
+    "vocab_size": 512,
+    "max_train_documents": 64,
+    "task_eval_limit": 4,
+}
+SMOKE_MODEL = {"depth": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+SMOKE_ROWS, SMOKE_EVAL_ROWS = 64, 4
+
+
+def smoke_overrides(spec: StageSpec, accepted: set[str]) -> list[str]:
+    """`stage.key=value` overrides that shrink one stage for a smoke run (the user's own overrides come after)."""
+    values = {k: v for k, (v, _) in load_config_file(spec.config).values.items()} if spec.config else {}
+    settings = {k: v for k, v in SMOKE.items() if k in accepted}
+    if "model_config" in values:
+        settings["model_config"] = {**values["model_config"], **SMOKE_MODEL, "max_position_embeddings": 512}
+    if values.get("eval_size"):
+        settings["eval_size"] = SMOKE_EVAL_ROWS
+    if values.get("dataset_mixture"):
+        entries = values["dataset_mixture"]
+        entries = [entries] if isinstance(entries, (str, dict)) else entries
+        entries = [{"path": e} if isinstance(e, str) else dict(e) for e in entries]
+        for entry in entries:
+            entry["max_samples"] = min(entry.get("max_samples") or SMOKE_ROWS, SMOKE_ROWS)
+        settings["dataset_mixture"] = entries
+    return [f"{spec.name}.{key}={json.dumps(value)}" for key, value in settings.items()]
 
 
 def plans_skip(plans: list[StagePlan], name: str) -> bool:

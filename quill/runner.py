@@ -42,13 +42,24 @@ def run_recipe(
     overwrite: bool = False,
     debug: bool = False,
     accelerate_config: str | None = None,
+    smoke: bool = False,
 ) -> list[StageRun]:
-    """Runs a recipe's stages in order, each as a subprocess; finished stages are skipped, interrupted ones resume."""
+    """Runs a recipe's stages in order, each as a subprocess; finished stages are skipped, interrupted ones resume.
+
+    `smoke`: every stage for a few steps at tiny size, as one CPU process each (no accelerate launcher), on
+    datasets capped to a few rows, into `<output_dir>-smoke` unless an output folder is given (quill.recipe.SMOKE).
+    """
+    if smoke and accelerate_config is not None:
+        raise QuillError("--smoke runs every stage as one CPU process", "drop --accelerate-config, or --smoke")
     recipe = load_recipe(recipe_dir, accelerate_config)
+    if smoke:
+        recipe.output_dir = Path(f"{recipe.output_dir}-smoke")
+        for spec in recipe.stages:
+            spec.accelerate_config, spec.use_cpu = None, True
     out = Path(output_dir if output_dir is not None else recipe.output_dir).resolve()
     if out.exists() and not out.is_dir():  # the cheap check first; creating it waits until the plan is sound
         raise QuillError(f"output dir {display_path(out)} is a file", "pick another --output-dir")
-    plans = plan_recipe(recipe, out, from_stage, until_stage, overrides, overwrite)
+    plans = plan_recipe(recipe, out, from_stage, until_stage, overrides, overwrite, smoke)
     prepare_run_dir(out)
     with folder_lock(out, what="run"):
         return _run_plans(recipe, out, plans, list(overrides), debug)

@@ -135,3 +135,67 @@ def tiny(tmp_path_factory):
     from tiny_outputs import build_tiny
 
     return build_tiny(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def hub_with_datasets(tmp_path_factory):
+    """A loopback Hub serving small copies of the datasets the recipes name, in their real schemas
+    (tests/hub_datasets.py), shared by the tests of a module."""
+    import hub_datasets
+
+    tmp_dir = tmp_path_factory.mktemp("hub_data")
+    with HubServer(root=tmp_dir / "store") as server:
+        hub_datasets.publish(server.store)
+        yield HubFixture(server, tmp_dir)
+
+
+@pytest.fixture(scope="session")
+def fineweb_local(tmp_path_factory):
+    """The fineweb-edu copy as a local dataset repo folder (README configs + parquet shards), for tests that
+    stream it without a server."""
+    import hub_datasets
+
+    return hub_datasets.write(tmp_path_factory.getbasetemp() / "datasets", hub_datasets.FINEWEB)
+
+
+def streamed_pretrain_argv(out, tok, fineweb, *extra: str) -> list[str]:
+    """A tiny pretraining run that streams the fineweb-edu copy (a local dataset repo folder)."""
+    from tiny_outputs import TINY_MODEL
+
+    return [
+        "--config",
+        "recipes/tiny/pretrain.yaml",
+        f"output_dir={out}",
+        f"tokenizer_name_or_path={tok}",
+        TINY_MODEL,
+        f"dataset_mixture=[{{path: {fineweb}, name: sample-10BT, max_samples: 400}}]",
+        "streaming=true",
+        "eval_size=8",
+        "max_length=64",
+        "per_device_train_batch_size=4",
+        "max_steps=8",
+        "save_steps=2",
+        "logging_steps=1",
+        "warmup_steps=0",
+        "use_cpu=true",
+        "dataloader_num_workers=0",
+        "seed=0",
+        "disable_tqdm=true",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def streamed_reference(tiny, fineweb_local):
+    """An uninterrupted streamed pretraining run (single process) from the tiny tokenizer, on the fineweb-edu copy;
+    the streaming resume test and the FSDP test compare against it."""
+    from test_resume_ddp import run_ok
+    from tiny_outputs import is_done
+
+    out = tiny["pre"].parent / "streamed_pretrain"
+    if not is_done(out):
+        run_ok(
+            [sys.executable, "-m", "quill.stages.pretrain", *streamed_pretrain_argv(out, tiny["tok"], fineweb_local)],
+            tiny["env"],
+        )
+    return out

@@ -33,8 +33,20 @@ backoff, which keeps fault tests short); "refusing" answers them with 403, which
 With "count" the mode applies to that many write calls and then reverts to "ok", to test
 retry-then-succeed.
 
-Not implemented: Xet storage, multipart LFS, pull requests, branches other than the default,
-pagination (every listing fits in one page).
+Branches: `create_branch` (`POST /api/{type}s/{repo}/branch/{name}`) starts one from a revision
+(default: main); commits and downloads take any branch or commit. Private repos answer 404 to a
+request without the token, as on the Hub. Repo ids without a namespace (`gpt2`) are served like any
+other; they are created through `HubStore.create` (the create API puts new repos under the user).
+
+Model and dataset cards: `/api/validate-yaml` and every commit that adds a README.md check its front
+matter by the Hub's documented metadata rules (tests/hub_card_rules.py) and answer 400 with
+`{"errors": [{"message": ...}]}` where the Hub would refuse it.
+
+Downloads are counted: each log entry carries `bytes`, the body bytes served (so a test can tell
+whether a client read a whole file or only the ranges it needed).
+
+Not implemented: Xet storage, multipart LFS, pull requests, pagination (every listing fits in one
+page).
 """
 
 from __future__ import annotations
@@ -55,6 +67,8 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
+
+import hub_card_rules
 
 FAKE_TOKEN = "hf_quillFakeTokenForLoopbackHubTests"
 FAKE_USER = "user"
@@ -276,6 +290,7 @@ ROUTES = [
     ("GET", rf"/api/{_T}/{_REPO}/tree/{_REV}(?:/(?P<path>.*))?", "tree", "read"),
     ("POST", rf"/api/{_T}/{_REPO}/paths-info/{_REV}", "paths_info", "read"),
     ("GET", rf"/api/{_T}/{_REPO}/refs", "refs", "read"),
+    ("POST", rf"/api/{_T}/{_REPO}/branch/(?P<branch>[^/]+)", "create_branch", "write"),
     ("GET", rf"/api/{_T}/{_REPO}/xet-(?:read|write)-token/{_REV}", "xet_token", "read"),
     ("POST", rf"/{_PREFIX}{_REPO}\.git/info/lfs/objects/batch", "lfs_batch", "write"),
     ("PUT", r"/_lfs/(?P<oid>[0-9a-f]{64})", "lfs_upload", "upload"),
@@ -304,7 +319,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
-        self.status_sent = 0
+        self.status_sent, self.bytes_sent = 0, 0
         try:
             self.body = self._read_body()  # drained first, whatever the answer will be
             handler, groups, kind = self._route(url.path)
@@ -318,7 +333,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as e:  # a bug in this server: answer 500 so the client does not hang
             self._send_error(HubError(500, f"hub_server internal error: {e!r}"))
-        self.server.record(self.command, self.path, self.status_sent)
+        self.server.record(self.command, self.path, self.status_sent, self.bytes_sent)
 
     def _route(self, path: str) -> tuple[str, dict, str]:
         for method, pattern, handler, kind in COMPILED_ROUTES:
@@ -374,6 +389,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+            self.bytes_sent = len(body)
         self.status_sent = status
 
     def _send_json(self, obj, status: int = 200, headers=None) -> None:
@@ -474,7 +490,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self._send_json({})
 
     def h_validate_yaml(self):
-        self._send_json({"errors": [], "warnings": []})
+        body = self._json_body()
+        errors, warnings = hub_card_rules.validate(str(body.get("content", "")), body.get("repoType") or "model")
+        answer = {"errors": [{"message": e} for e in errors], "warnings": [{"message": w} for w in warnings]}
+        self._send_json(answer, 400 if errors else 200)
 
     def h_repo_info(self, type, repo, rev=DEFAULT_BRANCH):
         found = self._repo(type, repo)
@@ -503,6 +522,17 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 "siblings": siblings,
             }
         )
+
+    def h_create_branch(self, type, repo, branch):
+        found = self._repo(type, repo)
+        if branch in found.branches:
+            raise HubError(409, f"Reference already exists: refs/heads/{branch}")
+        start = self._json_body().get("startingPoint") or DEFAULT_BRANCH
+        commit = self._commit_at(found, start)
+        with self.server.store.lock:
+            found.branches[branch] = commit.oid
+            self.server.store._save_state()
+        self._send_json({})
 
     def h_refs(self, type, repo):
         found = self._repo(type, repo)
@@ -571,6 +601,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if rev not in found.branches:
             raise HubError(404, f"Invalid rev id: {rev} (the test hub commits to branches only)", "RevisionNotFound")
         header, added, added_lfs, deleted = self._parse_commit_payload()
+        if "README.md" in added:  # the Hub checks a card's metadata on commit too, whatever the client did
+            errors, _ = hub_card_rules.validate(added["README.md"].decode(errors="replace"), found.repo_type)
+            if errors:
+                raise HubError(400, "Invalid metadata in README.md: " + "; ".join(errors))
         parent = header.get("parentCommit")
         if parent and parent != found.branches[rev]:
             raise HubError(412, "A commit has happened since. Please refresh and try again.")
@@ -748,9 +782,9 @@ class HubHTTPServer(ThreadingHTTPServer):
             raise HubError(403, "Forbidden (the test hub refuses writes)")
 
     # request log ---------------------------------------------------------------------------
-    def record(self, method: str, path: str, status: int) -> None:
+    def record(self, method: str, path: str, status: int, nbytes: int = 0) -> None:
         with self._state_lock:
-            self._log.append({"method": method, "path": path, "status": status})
+            self._log.append({"method": method, "path": path, "status": status, "bytes": nbytes})
             del self._log[:-MAX_LOG_ENTRIES]
 
     def log_entries(self) -> list[dict]:

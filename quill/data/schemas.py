@@ -12,6 +12,12 @@ row, e.g. ``data/sft.jsonl row 17, column 'messages': expected role in {system,u
 | dpo, reward | preference[_conversational] | prompt, chosen, rejected: strings, or message lists |
 | dpo, reward | implicit_preference[_conversational] | chosen, rejected (each a whole conversation) |
 | rl | prompt[_conversational] | prompt: string or message list (other columns go to the reward function) |
+
+Preference data whose `chosen`/`rejected` are whole conversations (the user turn included) and whose `prompt` is a
+plain string beside them, like HuggingFaceH4/ultrafeedback_binarized, is implicit preference data: the string is
+not used, and `prepare_rows` derives the prompt from the shared opening turns with TRL's own
+`maybe_extract_prompt`, as TRL's trainers do. For every stage `prepare_rows` gives the trainers one shape: DPO and
+reward rows get an explicit prompt, and RL prompts become chat messages (a string is the user's turn).
 """
 
 import difflib
@@ -125,6 +131,14 @@ def _check_row(fmt: str, row: dict, conv: bool) -> None:
             bad = _Bad("a rejected answer different from chosen", "the same value as chosen", "drop this pair")
             bad.column = "rejected"
             raise bad
+        if fmt == "implicit_preference" and conv and row["chosen"][0] != row["rejected"][0]:
+            bad = _Bad(
+                "chosen and rejected to open with the same prompt turns",
+                f"first turns {_show(row['chosen'][0])} and {_show(row['rejected'][0])}",
+                "give both sides the same conversation up to the answers, or add a prompt column of messages",
+            )
+            bad.column = "rejected"
+            raise bad
     elif fmt == "prompt":
         _cell(row, "prompt", lambda v: _text_or_messages(v, conv, need_assistant=False))
 
@@ -163,8 +177,31 @@ def _missing_columns_error(source: str, stage: str, have: list[str]) -> QuillErr
     return QuillError(f"{source}: expected columns {options} for stage '{stage}', found columns {have}", fix=fix)
 
 
-def check_schema(ds, stage: str, source: str) -> str:
-    """Return the format of `ds` for `stage` (see the table above); raise a QuillError at the first bad row."""
+def _string_prompt_beside_conversations(ds) -> bool:
+    """A string `prompt` next to conversational `chosen`: TRL ignores such a prompt and extracts the real one."""
+    first = next(iter(ds.select_columns(["prompt", "chosen"]).take(1)), None)
+    return first is not None and isinstance(first["prompt"], str) and isinstance(first["chosen"], list)
+
+
+def prepare_rows(ds, stage: str, fmt: str):
+    """The rows in the shape the stage's trainer takes, and their format: preference data with an implicit prompt
+    gets it extracted (TRL's `maybe_extract_prompt`, so `prompt` is the shared opening turns and chosen/rejected
+    the answers); an RL prompt that is a string becomes a user message. Other data is returned as it is."""
+    if stage in ("dpo", "reward") and fmt.startswith("implicit_preference"):
+        from trl.data_utils import maybe_extract_prompt
+
+        def extract(row):
+            return maybe_extract_prompt({k: row[k] for k in ("prompt", "chosen", "rejected") if k in row})
+
+        return ds.map(extract), fmt.replace("implicit_", "")
+    if stage == "rl" and fmt == "prompt":
+        return ds.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]}), "prompt_conversational"
+    return ds, fmt
+
+
+def check_schema(ds, stage: str, source: str, max_rows: int = MAX_ROWS_CHECKED) -> str:
+    """Return the format of `ds` for `stage` (see the table above); raise a QuillError at the first bad row.
+    At most `max_rows` rows are checked."""
     if stage not in FORMATS:
         raise QuillError(f"{source}: unknown stage {stage!r}", fix=f"use one of {', '.join(STAGES)}")
     have = list(ds.column_names or [])
@@ -173,13 +210,17 @@ def check_schema(ds, stage: str, source: str) -> str:
     fmt, columns = next(((f, cols) for f, cols in FORMATS[stage] if all(c in have for c in cols)), (None, None))
     if fmt is None:
         raise _missing_columns_error(source, stage, have)
+    if fmt == "preference" and _string_prompt_beside_conversations(ds):
+        fmt, columns = "implicit_preference", ["chosen", "rejected"]  # ultrafeedback_binarized's shape
 
     rows = ds.select_columns(columns)
     if isinstance(rows, datasets.Dataset):
-        rows = rows.select(range(min(len(rows), MAX_ROWS_CHECKED)))
+        rows = rows.select(range(min(len(rows), max_rows)))
+    else:
+        rows = rows.take(max_rows)  # a stream: read no further than the rows checked
     # Batches, because row-by-row iteration of a Dataset is ~50x slower.
     batches = (zip(*(b[c] for c in columns)) for b in rows.iter(batch_size=1000))
-    rows = itertools.islice((dict(zip(columns, values)) for b in batches for values in b), MAX_ROWS_CHECKED)
+    rows = itertools.islice((dict(zip(columns, values)) for b in batches for values in b), max_rows)
     first = next(rows, None)
     if first is None:
         raise QuillError(f"{source}: expected rows, found an empty dataset", fix="check the path and split")

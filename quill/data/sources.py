@@ -16,7 +16,7 @@ import numpy as np
 from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 
 from quill.data.formats import apply_format, check_format_name
-from quill.data.schemas import check_schema
+from quill.data.schemas import check_schema, prepare_rows
 from quill.errors import QuillError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -188,12 +188,19 @@ def _hidden(file: Path, root: Path) -> bool:
 
 
 def load_source(src: "DataSource | str | dict", streaming: bool = False):
-    """Load one source as a `Dataset` (or `IterableDataset` when streaming), renamed and capped."""
+    """Load one source as a `Dataset` (or `IterableDataset` when streaming), renamed and capped.
+
+    A Hub dataset with `max_samples` is read as a stream up to that many rows and then held as a `Dataset`:
+    `load_dataset` would otherwise download (and prepare) every split of the config before the cap applies."""
     try:
         src = DataSource.parse(src)
     except QuillError as e:
         path = src.get("path") if isinstance(src, dict) else src
         raise QuillError(f"data source {path!r}: {e.problem}", e.fix) from None
+    capped_hub = not streaming and src.max_samples is not None and not Path(src.path).expanduser().exists()
+    if capped_hub:
+        stream = load_source(src, streaming=True)
+        return datasets.Dataset.from_list(list(stream), features=stream.features)
     try:
         ds = _load(src, streaming)
     except QuillError:
@@ -259,6 +266,8 @@ def load_mixture(
     loaded = [load_source(s) for s in srcs]
     if stage is not None:
         formats = [check_schema(ds, stage, s.path) for ds, s in zip(loaded, srcs)]
+        prepared = [prepare_rows(ds, stage, f) for ds, f in zip(loaded, formats)]  # one shape per stage
+        loaded, formats = [p[0] for p in prepared], [p[1] for p in prepared]
         for s, f in zip(srcs[1:], formats[1:]):
             if f != formats[0]:
                 raise QuillError(
@@ -310,3 +319,51 @@ def load_mixture(
             fix="make the columns hold the same kind of value in every source",
         ) from e
     return datasets.DatasetDict(train=train, eval=held_out)
+
+
+STREAM_ROWS_CHECKED = 1000  # a stream's schema is checked on its first rows: checking more would download more
+
+
+def load_stream(
+    sources: list["DataSource | str | dict"], seed: int, stage: str | None = None
+) -> datasets.IterableDataset:
+    """Mix sources as one `datasets` stream, opened lazily: nothing is downloaded beyond what is read.
+
+    Each source is a stream capped by its `max_samples` before anything else, checked against `stage` on its first
+    rows when `stage` is given. Sources are interleaved at random with probabilities proportional to their weights
+    (a stream has no length, so weights are sampling shares here, not row multipliers), every row read once.
+    Rows come in file order: a shuffle buffer's contents could not be restored on resume.
+    """
+    if not sources:
+        raise QuillError("data mixture: expected at least one source, found none", fix="list sources under `data:`")
+    srcs = [DataSource.parse(s) for s in sources]
+    streams = [load_source(s, streaming=True) for s in srcs]
+    if stage is not None:
+        formats = [check_schema(ds, stage, s.path, max_rows=STREAM_ROWS_CHECKED) for ds, s in zip(streams, srcs)]
+        for s, f in zip(srcs[1:], formats[1:]):
+            if f != formats[0]:
+                raise QuillError(
+                    f"data mixture for {stage}: {srcs[0].path!r} is {formats[0]} data, {s.path!r} is {f}",
+                    fix="convert one source so all have the same columns (use `columns:` to rename)",
+                )
+    if len(streams) == 1:
+        return streams[0]
+    names = [list(ds.column_names or next(iter(ds.take(1)))) for ds in streams]
+    common = [c for c in names[0] if all(c in n for n in names[1:])]
+    total = sum(s.weight for s in srcs)
+    return datasets.interleave_datasets(
+        [ds.select_columns(common) for ds in streams],
+        probabilities=[s.weight / total for s in srcs],
+        seed=seed,
+        stopping_strategy="all_exhausted_without_replacement",
+    )
+
+
+def stream_eval_count(eval_size: int | float) -> int:
+    """Held-out rows of a stream: its first `eval_size` rows. A fraction needs the length a stream does not know."""
+    if 0 < eval_size < 1:
+        raise QuillError(
+            f"eval_size {eval_size} is a fraction of the data, which a stream cannot know before reading it all",
+            fix="give eval_size as a number of rows when streaming, e.g. eval_size: 1000",
+        )
+    return int(eval_size)

@@ -8,7 +8,6 @@ A stage file builds its datasets and its (TRL or HF) trainer; everything before 
 """
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -25,7 +24,7 @@ from transformers import TrainerCallback, set_seed
 from quill.allocator import keep_freed_memory
 from quill.data import builtin
 from quill.data.schemas import check_schema
-from quill.data.sources import load_mixture
+from quill.data.sources import load_mixture, load_stream, stream_eval_count
 from quill.data.tokenizer import stop_token_ids
 from quill.errors import QuillError, one_line
 from quill.hub import model_card, push_folder
@@ -46,6 +45,8 @@ from quill.output import (
     staged_path,
     write_json,
 )
+from quill.stages.distributed import enable_fsdp_on_cpu, save_full_model
+from quill.stages.guards import CheckpointHygiene, StopOnNonFiniteLoss
 from quill.stages.tracking import configure_tracking
 
 # TRL's configs default gradient_checkpointing=True, which transformers 5 flags as deprecated on every TRL stage
@@ -109,6 +110,7 @@ def start_stage(name, data_args, model_args, args, run, task: str = CAUSAL_LM) -
     args.include_num_input_tokens_seen = "all"  # tokens seen and throughput go into the report card
     configure_tracking(args, out)  # report_to: one project per `quill run`, a run per stage
     set_seed(args.seed)
+    enable_fsdp_on_cpu()  # before the trainer builds its Accelerator; only under a CPU launch with an FSDP config
     if args.use_cpu or not torch.cuda.is_available():
         keep_freed_memory()  # each step reuses the last one's pages (quill/allocator.py)
     tokenizer_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
@@ -137,6 +139,40 @@ def load_stage_data(data_args, schema: str):
     for src in sources:
         src.path = builtin.resolve(src.path)
     return load_mixture(sources, seed=data_args.dataset_seed, eval_size=data_args.eval_size, stage=schema)
+
+
+def load_stage_stream(data_args, schema: str):
+    """(held-out rows, a function that opens the training stream) for a streamed stage.
+
+    The main process checks the sources and reads the held-out rows (the stream's first `eval_size` rows); the
+    other processes receive them from it rather than reading the source too. The training stream (the rows after
+    the held-out ones) opens when first read, which under accelerate's dispatcher is on the main process only."""
+    from accelerate.state import PartialState
+
+    sources = data_args.sources()
+    for src in sources:
+        src.path = builtin.resolve(src.path)
+    n_eval = stream_eval_count(data_args.eval_size)
+    state = PartialState()
+    payload = None
+    if state.is_main_process:
+        try:
+            held_out = list(load_stream(sources, seed=data_args.dataset_seed, stage=schema).take(n_eval))
+            if len(held_out) < n_eval:
+                raise QuillError(
+                    f"data mixture: eval_size is {n_eval} rows, but the stream holds only {len(held_out)}",
+                    "lower eval_size or raise max_samples",
+                )
+            payload = {"rows": held_out}
+        except QuillError as err:  # the other processes wait for this payload: tell them, then stop together
+            payload = {"error": [err.problem, err.fix]}
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        payload = broadcast_object_list([payload])[0]
+    if "error" in payload:
+        raise QuillError(*payload["error"])
+    return payload["rows"], lambda: load_stream(sources, seed=data_args.dataset_seed).skip(n_eval)
 
 
 def load_task_eval(data_args) -> list[dict]:
@@ -181,31 +217,7 @@ def report_overlong(name: str, dataset, tokenizer, max_length: int | None) -> in
     return over
 
 
-# -- training guards and checkpoint hygiene --------------------------------------------------------------------
-
-
-class StopOnNonFiniteLoss(TrainerCallback):
-    """Stop the stage before a NaN/inf update is applied, so no checkpoint ever holds a diverged model."""
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads and not torch.stack(torch._foreach_norm(grads)).isfinite().all():
-            raise QuillError(
-                f"loss became NaN or inf at step {state.global_step + 1}",
-                "lower learning_rate or set max_grad_norm; the last good checkpoint is kept and the stage "
-                "resumes from it when re-run",
-            )
-
-
-class CheckpointHygiene(TrainerCallback):
-    """Checkpoints keep no pickled arguments: `training_args.bin` becomes `training_args.json` (tokens redacted)."""
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (ckpt / "training_args.bin").unlink(missing_ok=True)
-            if ckpt.is_dir():
-                write_json(ckpt / "training_args.json", json.loads(args.to_json_string()))
+# -- evaluating before training --------------------------------------------------------------------------------
 
 
 class EvaluateBeforeTraining(TrainerCallback):
@@ -244,6 +256,9 @@ def run_stage(stage: Stage, trainer, evaluate, datasets: list[str]) -> dict:
             before.metrics = read_json(before.path)
         else:
             trainer.add_callback(before)
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, StopOnNonFiniteLoss):
+                callback.attach(trainer)  # the loss check sits around the trainer's backward pass
         try:
             result = trainer.train(resume_from_checkpoint=resume)
         except OSError as err:
@@ -269,8 +284,6 @@ def finish_stage(stage: Stage, trainer, metrics: dict, datasets: list[str]) -> N
     if getattr(base, "generation_config", None) is not None:
         sync_generation_config(base, stage.tokenizer)
     staged, main = staged_path(stage.output_dir), trainer.accelerator.is_main_process
-    if trainer.is_fsdp_enabled:  # a sharded state dict would save no model files: gather the full one
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     if main:
         staged.mkdir(parents=True, exist_ok=True)
     trainer.accelerator.wait_for_everyone()
@@ -279,7 +292,7 @@ def finish_stage(stage: Stage, trainer, metrics: dict, datasets: list[str]) -> N
             if main:
                 model.merge_and_unload().save_pretrained(staged)
         else:
-            trainer.save_model(str(staged))  # handles FSDP/DeepSpeed gathering; writes on the main process only
+            save_full_model(trainer, staged)  # gathers FSDP/ZeRO-3 shards; writes on the main process only
     except BaseException as err:
         if main:
             shutil.rmtree(staged, ignore_errors=True)  # no half-written folder left behind

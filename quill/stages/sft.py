@@ -14,6 +14,7 @@ from quill.errors import run_guarded
 from quill.metrics import task_accuracy
 from quill.options import parse_stage_args
 from quill.stages.common import load_stage_data, load_task_eval, report_overlong, run_stage, start_stage
+from quill.stages.distributed import eval_loss
 
 ARG_TYPES = (DataArguments, ModelArguments, SFTConfig, RunArguments)
 
@@ -37,7 +38,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: SFTConfig,
     )
 
     def evaluate() -> dict:
-        metrics = {"eval_loss": trainer.evaluate()["eval_loss"]} if trainer.eval_dataset is not None else {}
+        metrics = {"eval_loss": eval_loss(trainer)} if trainer.eval_dataset is not None else {}
         if task_rows:
             metrics.update(task_accuracy(trainer.model, stage.tokenizer, task_rows))
         return metrics

@@ -6,6 +6,7 @@ The saved folder (tokenizer.json, tokenizer_config.json, chat_template.jinja) is
 model and its tokenizer always agree. metrics.json records compression (UTF-8 bytes per token) on held-out text.
 """
 
+import itertools
 from dataclasses import dataclass, field
 
 from quill.arguments import DataArguments, RunArguments
@@ -14,7 +15,7 @@ from quill.errors import run_guarded
 from quill.loading import load_tokenizer
 from quill.options import parse_stage_args
 from quill.output import clear_for_overwrite, finish_folder, read_json, write_json
-from quill.stages.common import is_main_process, load_stage_data, log, open_stage, push_stage
+from quill.stages.common import is_main_process, load_stage_data, load_stage_stream, log, open_stage, push_stage
 
 
 @dataclass
@@ -25,6 +26,13 @@ class TokenizerConfig:
         default=None, metadata={"help": "Use this existing tokenizer (Hub id or folder) instead of training one."}
     )
     max_train_documents: int | None = field(default=None, metadata={"help": "Train on at most this many documents."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read the data as a stream (large Hub datasets): max_samples caps it before download, the "
+            "held-out text is its first eval_size rows (a row count), training reads the rows after them."
+        },
+    )
 
 
 ARG_TYPES = (DataArguments, TokenizerConfig, RunArguments)
@@ -35,16 +43,20 @@ def train(data_args: DataArguments, args: TokenizerConfig, run: RunArguments) ->
     if finished:
         return read_json(out / "metrics.json")
     with held:
-        splits = load_stage_data(data_args, "pretrain")
+        if args.streaming:
+            rows, open_training = load_stage_stream(data_args, "pretrain")
+            held_out, texts = [row["text"] for row in rows], (row["text"] for row in open_training())
+        else:
+            splits = load_stage_data(data_args, "pretrain")
+            held_out, texts = splits["eval"]["text"], splits["train"]["text"]
         if args.tokenizer_name_or_path:
             tokenizer = load_tokenizer(args.tokenizer_name_or_path)
             if tokenizer.chat_template is None:
                 tokenizer.chat_template = CHAT_TEMPLATE  # later stages talk in chat; give it Quill's template
         else:
-            texts = splits["train"]["text"][: args.max_train_documents]
+            texts = list(itertools.islice(texts, args.max_train_documents))  # a stream stops reading here
             log(f"tokenizer: training a {args.vocab_size}-token BPE on {len(texts)} documents")
             tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
-        held_out = splits["eval"]["text"]
         metrics = {"vocab_size": len(tokenizer), "bytes_per_token": bytes_per_token(tokenizer, held_out)}
         if run.overwrite:
             clear_for_overwrite(out)
