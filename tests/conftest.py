@@ -129,3 +129,11 @@ def tiny(tmp_path_factory):
     from tiny_outputs import build_tiny
 
     return build_tiny(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def tiny_post(tiny, tmp_path_factory):
+    """`tiny` plus a finished tiny SFT and reward folder (see tests/tiny_outputs.py), shared by the whole session."""
+    from tiny_outputs import build_post
+
+    return build_post(tmp_path_factory.getbasetemp(), tiny)
