@@ -199,3 +199,11 @@ def streamed_reference(tiny, fineweb_local):
             tiny["env"],
         )
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_post(tiny, tmp_path_factory):
+    """`tiny` plus a finished tiny SFT and reward folder (see tests/tiny_outputs.py), shared by the whole session."""
+    from tiny_outputs import build_post
+
+    return build_post(tmp_path_factory.getbasetemp(), tiny)

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from conftest import streamed_pretrain_argv
 from safetensors.torch import load_file
-from test_resume_ddp import sft_reference  # noqa: F401  (a fixture: the uninterrupted single-process SFT run)
 from tiny_outputs import REPO, is_done, pretrain_argv, sft_argv
 
 pytestmark = pytest.mark.slow  # two-process launches
@@ -109,7 +108,8 @@ def test_fsdp2_streamed_pretrain_shards_and_saves_the_single_process_model(
     assert sharded["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-3)
 
 
-def test_fsdp2_sft_shards_and_saves_the_single_process_model(tiny, sft_reference, tmp_path):  # noqa: F811
+def test_fsdp2_sft_shards_and_saves_the_single_process_model(tiny, tiny_post, tmp_path):
+    sft_reference = tiny_post["sft"]  # the uninterrupted single-process SFT run
     out, probe = tmp_path / "sft", tmp_path / "probe"
     argv = sft_argv(out, tiny["pre"], "per_device_train_batch_size=2", "disable_tqdm=true")
     env = {**tiny["env"], "ACCELERATE_USE_CPU": "true"}

@@ -212,7 +212,7 @@ def test_a_rerun_after_a_lora_run_leaves_no_adapter_files(tiny, tmp_path):
 
 
 def test_resume_with_another_batch_size_or_data_stops_with_one_line(tiny, tmp_path):
-    from test_resume_ddp import kill_after_checkpoint, stage_cmd
+    from test_resume import kill_after_checkpoint, stage_cmd
 
     out = tmp_path / "pretrain"
     kill_after_checkpoint(stage_cmd("pretrain", pretrain_argv(out, tiny["tok"])), tiny["env"], out)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 from conftest import streamed_pretrain_argv
-from test_resume_ddp import assert_same_weights, kill_after_checkpoint, run_ok
+from test_resume import assert_same_weights, kill_after_checkpoint, run_ok
 from tiny_outputs import REPO, is_done
 
 SAMPLE = "sample/10BT/"

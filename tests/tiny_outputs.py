@@ -122,3 +122,77 @@ def run_quill(args: list[str], env: dict, cwd: Path = REPO, timeout: float = 300
     return subprocess.run(
         [sys.executable, "-m", "quill.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def preference_argv(stage: str, out: Path, model: Path, *extra: str) -> list[str]:
+    """DPO or reward on a few of the default preference pairs, from the tiny SFT model."""
+    return [
+        "--config",
+        f"recipes/tiny/{stage}.yaml",
+        f"output_dir={out}",
+        f"model_name_or_path={model}",
+        "dataset_mixture=[{path: quill:default/dpo_train, max_samples: 48}]",
+        "eval_size=8",
+        "max_length=64",
+        "per_device_train_batch_size=4",
+        "per_device_eval_batch_size=8",
+        "max_steps=6",
+        "save_steps=2",
+        "logging_steps=1",
+        "warmup_steps=0",
+        "use_cpu=true",
+        "dataloader_num_workers=0",
+        "seed=0",
+        *(["task_eval_limit=4"] if stage == "dpo" else []),
+        *extra,
+    ]
+
+
+def rl_argv(out: Path, model: Path, reward_model: Path, *extra: str) -> list[str]:
+    """GRPO with the tiny reward model's scores (they differ between samples, so the weights move), 2 steps per
+    generation buffer, checkpoints on buffer boundaries."""
+    return [
+        "--config",
+        "recipes/tiny/rl.yaml",
+        f"output_dir={out}",
+        f"model_name_or_path={model}",
+        f"reward_model_path={reward_model}",
+        "verifiable_reward=false",
+        "dataset_mixture=[{path: quill:default/rl_train, max_samples: 48}]",
+        "task_eval_limit=4",
+        "num_generations=4",
+        "generation_batch_size=8",
+        "per_device_train_batch_size=4",
+        "max_completion_length=8",
+        "max_steps=6",
+        "save_steps=2",
+        "logging_steps=1",
+        "warmup_steps=0",
+        "use_cpu=true",
+        "dataloader_num_workers=0",
+        "seed=0",
+        *extra,
+    ]
+
+
+def stage_argv(stage: str, out: Path, tiny: dict, *extra: str) -> list[str]:
+    """The small CLI arguments of each trainer stage, each starting from the shared tiny upstream folders."""
+    if stage == "pretrain":
+        return pretrain_argv(out, tiny["tok"], *extra)
+    if stage == "sft":
+        return sft_argv(out, tiny["pre"], *extra)
+    if stage in ("dpo", "reward"):
+        return preference_argv(stage, out, tiny["sft"], *extra)
+    return rl_argv(out, tiny["sft"], tiny["reward"], *extra)
+
+
+def build_post(base: Path, tiny: dict) -> dict:
+    """The tiny SFT and reward folders (from build_tiny's pretrain), built once per session."""
+    sft, reward = base / "tiny" / "sft", base / "tiny" / "reward"
+    if not is_done(sft):
+        subprocess.run([sys.executable, "-m", "quill.stages.sft", *sft_argv(sft, tiny["pre"])], cwd=REPO,
+                       env=tiny["env"], check=True, capture_output=True)  # fmt: skip
+    if not is_done(reward):
+        subprocess.run([sys.executable, "-m", "quill.stages.reward", *preference_argv("reward", reward, sft)],
+                       cwd=REPO, env=tiny["env"], check=True, capture_output=True)  # fmt: skip
+    return {**tiny, "sft": sft, "reward": reward}
