@@ -2,13 +2,12 @@
 
 Every training step allocates its activations, logits and gradients afresh. glibc hands large blocks (mmap'd, from
 128 KiB up) back to the kernel as soon as they are freed and trims the top of the heap, so the next step has the
-kernel fault in and zero every page again. On the project's 2-core CPU that costs ~10 ms per 32 MB tensor: ~10%
-of a Quill d256 training step and ~30% of a Llama one, whose fp32 (tokens, vocab) logits are large
-(``bench/model_throughput.py --system-malloc`` shows the difference). PyTorch's CPU tuning guide suggests swapping
-in jemalloc or tcmalloc (LD_PRELOAD); glibc can do the part that matters here itself: serve large blocks from the
-heap (``M_MMAP_MAX = 0``) and never trim it (``M_TRIM_THRESHOLD``), so a step reuses the pages the last one
-touched. The price is that the process keeps its peak heap until it exits, which a training process does anyway.
-CUDA memory has its own caching allocator and is not affected.
+kernel fault in and zero every page again: a visible share of a small model's step on CPU, largest for models whose
+loss materialises fp32 (tokens, vocab) logits (`bench/model_throughput.py --system-malloc` measures it). PyTorch's
+CPU tuning guide suggests swapping in jemalloc or tcmalloc (LD_PRELOAD); glibc can do the part that matters here
+itself: serve large blocks from the heap (``M_MMAP_MAX = 0``) and never trim it (``M_TRIM_THRESHOLD``), so a step
+reuses the pages the last one touched. The price is that the process keeps its peak heap until it exits, which a
+training process does anyway. CUDA memory has its own caching allocator and is not affected.
 """
 
 import ctypes

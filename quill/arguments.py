@@ -229,6 +229,12 @@ def _conflicts(o: dict[str, Any], explicit: set[str]):
             f"nothing to train: max_steps is {steps} and num_train_epochs is {epochs}",
             "set max_steps to a positive number of steps, or num_train_epochs > 0",
         )
+    if "model_revision" in explicit and not o.get("model_name_or_path"):
+        yield (
+            ("model_revision",),
+            "model_revision is set but there is no model_name_or_path to load at that revision",
+            "drop model_revision, or set model_name_or_path to a Hub id",
+        )
     if o.get("model_config") and o.get("model_name_or_path"):
         yield (
             ("model_config", "model_name_or_path"),

@@ -126,7 +126,9 @@ def test_training_arguments_subclass_and_nested_override():
 
 
 def test_plain_text_options_keep_their_text():
-    (model,) = build_stage_args((ModelArguments,), ["model_revision=0123", "tokenizer_name_or_path=null"])
+    (model,) = build_stage_args(
+        (ModelArguments,), ["model_name_or_path=org/m", "model_revision=0123", "tokenizer_name_or_path=null"]
+    )
     assert model.model_revision == "0123"  # not YAML's octal 83
     assert model.tokenizer_name_or_path is None
 

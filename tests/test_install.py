@@ -132,7 +132,8 @@ import json, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 import transformers
 model = AutoModelForCausalLM.from_pretrained({path!r}, trust_remote_code=True).eval()
-ids = AutoTokenizer.from_pretrained({path!r}).encode("the quick brown", return_tensors="pt")
+tokenizer = AutoTokenizer.from_pretrained({path!r}, trust_remote_code=True)  # or it asks whether to trust
+ids = tokenizer.encode("the quick brown", return_tensors="pt")
 out = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, output_logits=True,
                      return_dict_in_generate=True)
 print(json.dumps({{"version": transformers.__version__, "tokens": out.sequences[0].tolist(),

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_outputs import REPO, pretrain_argv, run_quill, sft_argv, tree_hash
+from tiny_outputs import REPO, TINY_MODEL, pretrain_argv, run_quill, sft_argv, tree_hash
 
 from quill.errors import QuillError
 from quill.output import folder_lock
@@ -294,3 +294,63 @@ def test_tokenizer_stage_pushes_when_asked(hub_server, tiny, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert hub_server.requests("POST", "/api/models/user/tok/commit")
+
+
+# ----------------------------------------------------------------------------- secrets
+
+SMALL_RUN = [
+    "tokenizer.vocab_size=300",
+    "tokenizer.dataset_mixture=[{path: quill:default/pretrain_train, max_samples: 100}]",
+    "tokenizer.eval_size=10",
+    f"pretrain.{TINY_MODEL}",
+    "pretrain.dataset_mixture=[{path: quill:default/pretrain_train, max_samples: 100}]",
+    "pretrain.eval_size=10",
+    "sft.dataset_mixture=[{path: quill:default/sft_train, max_samples: 40}]",
+    "sft.eval_size=8",
+    "max_length=64",
+    "task_eval_limit=4",
+    "per_device_train_batch_size=4",
+    "max_steps=2",
+    "save_steps=1",
+    "logging_steps=1",
+]
+
+
+def files_holding(root: Path, secret: bytes) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and secret in p.read_bytes()]
+
+
+def test_a_planted_token_reaches_no_argv_file_or_output(hub_server, tiny, tmp_path):
+    token = hub_server.token  # the planted secret: HF_TOKEN, and what the loopback Hub accepts
+    env = hub_server.env(QUILL_CACHE=tiny["env"]["QUILL_CACHE"], TOKENIZERS_PARALLELISM="false")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "quill.cli", "run", "recipes/tiny", "--until", "sft", "--output-dir", str(out),
+           *SMALL_RUN, "sft.push_to_hub=true", "sft.hub_model_id=user/secret-test"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen_in_argv = set()
+    while proc.poll() is None:  # every process's command line, while the run and its stages live
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if token.encode() in cmdline.read_bytes():
+                    seen_in_argv.add(cmdline.parent.name)
+            except OSError:
+                pass
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert hub_server.requests("POST", "/api/models/user/secret-test/commit"), "the push must have used the token"
+    assert not seen_in_argv
+    assert token not in stdout and token not in stderr
+    assert files_holding(out, token.encode()) == []
+    assert files_holding(Path(env["HF_HOME"]), token.encode()) == []
+    assert files_holding(hub_server.server.store.root, token.encode()) == []  # nor in what was pushed
+    assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pkl", ".pickle")]  # no pickled arguments
+
+
+def test_a_token_on_the_command_line_is_refused_without_echoing_it(tmp_path):
+    secret = "hf_planted_secret_value_123"
+    proc = run_quill(["run", "recipes/tiny", "--output-dir", str(tmp_path / "run"), f"hub_token={secret}"],
+                     {k: v for k, v in os.environ.items() if k != "QUILL_DEBUG"})  # fmt: skip
+    line = one_error(proc, "hub_token=***", "HF_TOKEN")
+    assert secret not in proc.stdout + proc.stderr and secret not in line
+    assert not (tmp_path / "run").exists()

@@ -1,44 +1,13 @@
-"""Quill's hand-written autograd functions (RoPE, RMSNorm, SwiGLU) against plain-autograd references.
+"""Quill's hand-written autograd functions (RMSNorm, SwiGLU) against plain-autograd references.
 
 float64 gradcheck proves each backward is the derivative of its forward; the fp32/bf16 comparisons prove the forward
-is the textbook formula the rest of transformers uses (rotate_half RoPE, RMSNorm, SiLU-gated MLP)."""
+is the textbook formula the rest of transformers uses (RMSNorm, SiLU-gated MLP)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from quill.model.kernels_quill import RMSNormFunction, Rotary, SwiGLUFunction, rotate
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rope_inputs(dtype=torch.float64):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, 3, 8, generator=g, dtype=dtype)  # (batch, seq, heads, head_dim)
-    angles = torch.randn(2, 5, 1, 4, generator=g, dtype=dtype)
-    emb = torch.cat([angles, angles], dim=-1)
-    return x, emb.cos(), emb.sin()
-
-
-def test_rope_matches_rotate_half_formula_and_inverts():
-    x, cos, sin = rope_inputs(torch.float32)
-    expected = x * cos + rotate_half(x) * sin
-    out = rotate(x, cos, sin)
-    assert (out - expected).abs().max() < 1e-6
-    assert (rotate(out, cos, sin, sign=-1.0) - x).abs().max() < 1e-5  # the inverse rotation undoes it
-
-
-def test_rope_gradcheck():
-    x, cos, sin = rope_inputs()
-    assert torch.autograd.gradcheck(lambda t: Rotary.apply(t, cos, sin), (x.requires_grad_(),))
-
-
-def test_rope_keeps_bf16_inputs_bf16():
-    x, cos, sin = rope_inputs(torch.float32)
-    assert rotate(x.bfloat16(), cos, sin).dtype == torch.bfloat16  # fp32 cos must not promote q/k to fp32
+from quill.model.kernels_quill import RMSNormFunction, SwiGLUFunction
 
 
 def test_rms_norm_gradcheck_and_matches_reference():

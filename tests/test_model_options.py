@@ -140,6 +140,7 @@ def test_qlora_loads_quantized_and_trains_on_cpu(checkpoint, bits, tmp_path):
         (["hub_strategy=end"], "hub_strategy is not accepted"),
         (["model_init_kwargs={torch_dtype: bfloat16}"], "model_init_kwargs is not accepted"),
         (["hub_model_id=me/x"], "hub_model_id is set but push_to_hub is false"),
+        (["model_revision=v2"], "model_revision is set but there is no model_name_or_path"),
         (["use_peft=true", "lora_target_parameters=[mlp.down_proj.weight]"], "only without dropout"),
     ],
 )

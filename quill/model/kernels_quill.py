@@ -5,9 +5,9 @@ by the model and copied beside every checkpoint with it, so it must stay a flat 
 
 - ``quill_sdpa``: an attention backend for packed rows (several documents per row, marked by restarting
   ``position_ids``). It runs SDPA's fused causal kernel per document instead of materialising an LxL block mask.
-- ``rms_norm``, ``apply_rotary_pos_emb``, ``swiglu``: the textbook maths with backwards that make fewer passes over
-  memory than autograd's decomposition. ``bench/model_throughput.py`` measures each against the plain-autograd
-  reference (``reference_*`` below) in the same run.
+- ``rms_norm``, ``swiglu``: the textbook maths with backwards that keep less for backward than autograd's
+  decomposition. ``bench/model_throughput.py`` measures each against its plain-autograd reference (``reference_*``
+  below) in the same run; bench/README.md has the figures that keep them here.
 - ``fused_causal_lm_loss``: the LM head and transformers' causal-LM loss in one chunked pass.
 
 Every function here runs the same code on every device (tested on CPU), except where a branch says otherwise.
@@ -152,7 +152,7 @@ AttentionMaskInterface.register(PACKED_ATTENTION, packed_sdpa_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# RMSNorm, RoPE, SwiGLU
+# RMSNorm, SwiGLU
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -201,53 +201,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.device.type != "cpu":
         return reference_rms_norm(x, weight, eps)
     return RMSNormFunction.apply(x, weight, eps)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
-    """RoPE, ``x * cos + rotate_half(x) * sin`` (halves convention, sign=-1 rotates back), in x's dtype.
-
-    One multiply and two in-place multiply-adds on the halves instead of the six passes and two temporaries of
-    ``rotate_half``; cos/sin are cast to x's dtype so that under autocast bf16 q/k stay bf16 (an fp32 cos would
-    promote them to fp32, and SDPA would then cast them back)."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    half = x.shape[-1] // 2
-    out = x * cos
-    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-sign)
-    out[..., half:].addcmul_(x[..., :half], sin[..., half:], value=sign)
-    return out
-
-
-class Rotary(torch.autograd.Function):
-    """RoPE with a hand-written backward: a rotation's adjoint is the inverse rotation, so nothing but cos/sin is
-    kept for backward and the gradient costs what the forward does."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin)
-        return rotate(x, cos, sin)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        cos, sin = ctx.saved_tensors
-        return rotate(grad, cos, sin, sign=-1.0), None, None
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def reference_apply_rotary_pos_emb(q, k, cos, sin):
-    """transformers' (Llama's) RoPE in plain autograd, in the same (batch, seq, heads, head_dim) layout."""
-    cos, sin = cos.unsqueeze(2).to(q.dtype), sin.unsqueeze(2).to(q.dtype)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q, k: (batch, seq, heads, head_dim), the layout the projection produces; cos, sin: (batch, seq, head_dim)."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
 
 
 class SwiGLUFunction(torch.autograd.Function):

@@ -3,8 +3,8 @@
 Pre-norm blocks of RMSNorm -> attention (fused QKV, GQA, optional QK-norm, RoPE) and RMSNorm -> SwiGLU MLP
 (fused gate/up), no biases. Attention goes through ``ALL_ATTENTION_FUNCTIONS`` so ``eager``, ``sdpa``,
 ``flex_attention`` and ``flash_attention_2`` all work; Quill's default is its own ``quill_sdpa`` backend, which keeps
-packed documents apart without an LxL mask. The kernels (that backend, RMSNorm/RoPE/SwiGLU autograd functions and
-the fused LM-head loss) live in ``kernels_quill.py``.
+packed documents apart without an LxL mask. The kernels (that backend, RMSNorm/SwiGLU autograd functions and the
+fused LM-head loss) live in ``kernels_quill.py``.
 
 This file, ``configuration_quill.py`` and ``kernels_quill.py`` are copied next to every saved checkpoint and run
 under whatever transformers the loader has, so they stay flat siblings that import each other relatively, and use
@@ -31,14 +31,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_quill import QuillConfig
-from .kernels_quill import (
-    PACKED_ATTENTION,
-    DocumentLayout,
-    apply_rotary_pos_emb,
-    fused_causal_lm_loss,
-    rms_norm,
-    swiglu,
-)
+from .kernels_quill import PACKED_ATTENTION, DocumentLayout, fused_causal_lm_loss, rms_norm, swiglu
 
 # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` -> `cache` (generate() passes
 # `cache=`, earlier releases `past_key_values=`). Quill's forwards take both names and use `cache` inside; outputs
@@ -85,6 +78,19 @@ class QuillRotaryEmbedding(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE, ``x * cos + rotate_half(x) * sin``. q, k: (batch, seq, heads, head_dim), the layout the projection
+    produces; cos, sin: (batch, seq, head_dim). cos/sin are cast to q's dtype so that under autocast bf16 q/k stay
+    bf16 (an fp32 cos would promote them to fp32, and SDPA would then cast them back)."""
+    cos, sin = cos.unsqueeze(2).to(q.dtype), sin.unsqueeze(2).to(q.dtype)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
