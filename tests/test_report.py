@@ -206,6 +206,7 @@ def test_statistics_section_marks_significant_gains_only(tmp_path):
     assert rows_by[("dpo", "next-token control", "task_accuracy")]["verdict"] == "loss"
     assert ("rl", "start model", "chain_sum_accuracy") in rows_by
     assert "used by RL: **no**" in text and "reward model not used" in text and "31.0%" in text
+    assert "- pass@8: 0.5 -> 0.55" in text and "- headroom pass@8 - greedy: 0.2 -> 0.15" in text
     assert "Reward during RL" in text and (run / "rl_reward.png").exists()
 
 

@@ -95,7 +95,7 @@ def rl_section(stages: list[StageReport]) -> list[str]:
     if rl is None or "headroom" not in rl.metrics:
         return []
     m = rl.metrics
-    k = next((key.removeprefix("pass_at_") for key in m if key.startswith("pass_at_")), None)
+    k = next((key.removeprefix("pass_at_") for key in m if key.startswith("pass_at_") and "_before" not in key), None)
     lines = ["### RL: what sampling could find, and what the reward model was trusted with", ""]
     n = m.get("sampled_prompts")
     temp = m.get("sampled_temperature")
