@@ -102,6 +102,16 @@ def test_chain_writes_every_stage_and_a_report(finished_run):
         assert str(out.parent) not in (out / stage / "README.md").read_text()
     report = (out / "report.md").read_text()
     assert all(stage in report for stage in STAGES[1:])
+    # Post-training is judged on held-out prompts, paired with its start model (and DPO with its control); RL
+    # records its headroom and whether it trusted the reward model, and says why.
+    metrics = {stage: json.loads((out / stage / "metrics.json").read_text()) for stage in ("dpo", "reward", "rl")}
+    for stage in ("dpo", "rl"):
+        assert {"task_accuracy_diff_low", "task_accuracy_diff_high", "task_accuracy_p"} <= set(metrics[stage])
+    assert "vs_control_task_accuracy_p" in metrics["dpo"] and metrics["dpo"]["pairs_built"] > 0
+    assert "rm_agreement_auc" in metrics["reward"]
+    assert isinstance(metrics["rl"]["rm_used"], bool) and metrics["rl"]["rm_decision"]
+    assert {"pass_at_8", "headroom", "sampled_accuracy"} <= set(metrics["rl"])
+    assert "What each stage changed (paired, held-out)" in report and "next-token control" in report
 
 
 def test_generation_config_stops_at_end_of_turn(finished_run):
