@@ -168,39 +168,82 @@ def heldout_loss(model, tokenizer, texts: list[str], max_length: int = 256, batc
 
 def generate_completions(model, tokenizer, prompts: list, max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
     """Greedy completions of `prompts` (chat message lists or strings), cut at the first stop token, decoded."""
+    return [group[0] for group in _generate(model, tokenizer, prompts, max_new_tokens, batch_size)]
+
+
+def sample_completions(
+    model,
+    tokenizer,
+    prompts: list,
+    num_samples: int,
+    temperature: float = 1.0,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> list[list[str]]:
+    """`num_samples` sampled completions per prompt at `temperature`, from the full distribution (no top-k/top-p
+    cut, as GRPO samples its rollouts), decoded like `generate_completions`. Seeded, so two calls agree."""
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    with _seeded(seed):
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, num_samples, sampling)
+
+
+@contextmanager
+def _seeded(seed: int):
+    """Sample with a fixed seed without disturbing the caller's random stream (e.g. a trainer mid-run)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, num_samples=1, sampling=None) -> list[list[str]]:
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     stops = generation_stops(model, tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-    texts = [""] * len(encoded)
+    texts: list[list[str]] = [[] for _ in encoded]
     device, pad = _device(model), pad_token_id(tokenizer)
+    options = sampling or {"do_sample": False}
     with _inference(model):
-        for batch in _batches(order, batch_size):
+        for batch in _batches(order, max(1, batch_size // num_samples)):
             # Left padding: every row's prompt ends at the same column, so new tokens line up after it.
             input_ids, mask = _pad([encoded[i] for i in batch], pad, "left", device)
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
-                do_sample=False,
                 max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples,
                 eos_token_id=stops,
                 pad_token_id=pad,
+                **options,
             )
-            for i, row in zip(batch, out[:, input_ids.shape[1] :].tolist(), strict=True):
-                texts[i] = tokenizer.decode(cut_at_stop(row, stops), skip_special_tokens=True)
+            rows = out[:, input_ids.shape[1] :].tolist()
+            for j, row in enumerate(rows):  # generate() returns each prompt's samples next to each other
+                texts[batch[j // num_samples]].append(
+                    tokenizer.decode(cut_at_stop(row, stops), skip_special_tokens=True)
+                )
     return texts
+
+
+def correctness(rows: list[dict], completions: list[str]) -> list[bool]:
+    """Whether each completion is fully correct (score 1.0; reasoning-gym gives partial credit below that)."""
+    from quill.data import tasks as task_lib  # here, not at the top: reasoning-gym is slow to import
+
+    return [task_lib.score(row["task"], text, row) >= 1.0 for row, text in zip(rows, completions, strict=True)]
+
+
+def accuracy_metrics(rows: list[dict], correct: list) -> dict:
+    """`task_accuracy` over all rows and `<task>_accuracy` per task, from per-row correctness."""
+    per_task = defaultdict(list)
+    for row, hit in zip(rows, correct, strict=True):
+        per_task[row["task"]].append(bool(hit))
+    metrics = {"task_accuracy": sum(map(bool, correct)) / len(correct) if correct else float("nan")}
+    metrics.update({f"{task}_accuracy": sum(v) / len(v) for task, v in sorted(per_task.items())})
+    return metrics
 
 
 def score_completions(rows: list[dict], completions: list[str]) -> dict:
     """Fraction fully correct (score 1.0; reasoning-gym gives partial credit below that), overall and per task."""
-    from quill.data import tasks as task_lib  # here, not at the top: reasoning-gym is slow to import
-
-    per_task = defaultdict(list)
-    for row, text in zip(rows, completions, strict=True):
-        per_task[row["task"]].append(task_lib.score(row["task"], text, row) >= 1.0)
-    hits = [h for v in per_task.values() for h in v]
-    metrics = {"task_accuracy": sum(hits) / len(hits) if hits else float("nan")}
-    metrics.update({f"{task}_accuracy": sum(v) / len(v) for task, v in sorted(per_task.items())})
-    return metrics
+    return accuracy_metrics(rows, correctness(rows, completions))
 
 
 def task_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batch_size: int = 16) -> dict:
@@ -245,6 +288,28 @@ def _reward_scores(model, tokenizer, seqs: list[list[int]], batch_size: int) -> 
         input_ids, mask = _pad(batch, pad_token_id(tokenizer), "right", device)
         scores.append(model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().cpu())
     return torch.cat(scores)
+
+
+def reward_model_scores(
+    reward_model, tokenizer, prompts: list, answers: list[str], batch_size: int = 64
+) -> list[float]:
+    """The reward model's score of each (prompt, answer), the conversation rendered through the chat template as
+    TRL's GRPOTrainer and RewardTrainer render it."""
+    if reward_model.config.pad_token_id is None:  # sequence classifiers pool at the last non-pad token
+        reward_model.config.pad_token_id = pad_token_id(tokenizer)
+    seqs = [
+        _tokenize(tokenizer, prompt + _as_messages(answer))
+        if not isinstance(prompt, str)
+        else _tokenize(tokenizer, prompt + answer)
+        for prompt, answer in zip(prompts, answers, strict=True)
+    ]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
+    with _inference(reward_model):
+        scores = _reward_scores(reward_model, tokenizer, [seqs[i] for i in order], batch_size).tolist()
+    out = [0.0] * len(seqs)
+    for i, score in zip(order, scores, strict=True):
+        out[i] = score
+    return out
 
 
 def reward_preference_accuracy(reward_model, tokenizer, pairs: list[dict], batch_size: int = 16) -> dict:

@@ -192,7 +192,7 @@ def case_chosen_equals_rejected(c):
         c.tmp / "d.jsonl",
         [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}, {"prompt": "3+3?", "chosen": "6", "rejected": "6"}],
     )
-    return _tune_on(c, "dpo", f), ["row 1", "rejected"]
+    return [*_tune_on(c, "dpo", f), "pairs_from=dataset", "control=false"], ["row 1", "rejected"]
 
 
 def case_vocab_mismatch(c):

@@ -27,16 +27,22 @@ TINY = [
     "sft.dataset_mixture=[{path: quill:default/sft_train, max_samples: 200}]",
     "sft.eval_size=20",
     "sft.max_length=128",
-    "dpo.dataset_mixture=[{path: quill:default/dpo_train, max_samples: 64}]",
-    "dpo.eval_size=16",
-    "reward.dataset_mixture=[{path: quill:default/dpo_train, max_samples: 64}]",
-    "reward.eval_size=16",
+    "dpo.dataset_mixture=[{path: quill:default/rl_train, max_samples: 40}]",
+    "dpo.eval_size=8",
+    "dpo.pair_samples=2",
+    "reward.dataset_mixture=[{path: quill:default/rl_train, max_samples: 40}]",
+    "reward.eval_size=8",
+    "reward.pair_samples=2",
+    "reward.agreement_samples=2",
+    "reward.agreement_prompts=8",
     "rl.dataset_mixture=[{path: quill:default/rl_train, max_samples: 32}]",
     "rl.num_generations=4",
     "rl.generation_batch_size=8",
     "rl.max_completion_length=8",
     "rl.per_device_train_batch_size=4",
+    "rl.eval_sample_prompts=8",
     "task_eval_limit=8",
+    "eval_max_new_tokens=8",
     "per_device_train_batch_size=4",
     "per_device_eval_batch_size=8",
     "max_steps=3",
@@ -96,6 +102,16 @@ def test_chain_writes_every_stage_and_a_report(finished_run):
         assert str(out.parent) not in (out / stage / "README.md").read_text()
     report = (out / "report.md").read_text()
     assert all(stage in report for stage in STAGES[1:])
+    # Post-training is judged on held-out prompts, paired with its start model (and DPO with its control); RL
+    # records its headroom and whether it trusted the reward model, and says why.
+    metrics = {stage: json.loads((out / stage / "metrics.json").read_text()) for stage in ("dpo", "reward", "rl")}
+    for stage in ("dpo", "rl"):
+        assert {"task_accuracy_diff_low", "task_accuracy_diff_high", "task_accuracy_p"} <= set(metrics[stage])
+    assert "vs_control_task_accuracy_p" in metrics["dpo"] and metrics["dpo"]["pairs_built"] > 0
+    assert "rm_agreement_auc" in metrics["reward"]
+    assert isinstance(metrics["rl"]["rm_used"], bool) and metrics["rl"]["rm_decision"]
+    assert {"pass_at_8", "headroom", "sampled_accuracy"} <= set(metrics["rl"])
+    assert "What each stage changed (paired, held-out)" in report and "next-token control" in report
 
 
 def test_generation_config_stops_at_end_of_turn(finished_run):

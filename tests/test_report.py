@@ -162,3 +162,59 @@ def test_report_on_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: run folder") and "\n" not in err
+
+
+def add_metrics(run, stage: str, extra: dict) -> None:
+    path = run / stage / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **extra}))
+
+
+def test_statistics_section_marks_significant_gains_only(tmp_path):
+    from quill.heldout import paired_metrics
+
+    run = make_run(tmp_path / "run")
+    rows = [{"task": "chain_sum"}] * 600 + [{"task": "word_sequence_reversal"}] * 600
+    base = [1] * 400 + [0] * 800
+    gained = base[:]  # RL: 90 prompts wrong -> right, 10 right -> wrong: a gain
+    for i in range(400, 490):
+        gained[i] = 1
+    for i in range(10):
+        gained[i] = 0
+    noisy = base[:]  # DPO: +12 net on 1,200 prompts (22 gained, 10 lost): p > 0.05, inside the noise
+    for i in range(400, 422):
+        noisy[i] = 1
+    for i in range(10):
+        noisy[i] = 0
+    add_metrics(run, "rl", {**paired_metrics(rows, base, gained), "headroom_before": 0.2, "headroom": 0.15,
+                            "pass_at_8_before": 0.5, "pass_at_8": 0.55, "sampled_accuracy": 0.4,
+                            "sampled_prompts": 300, "sampled_temperature": 1.0, "rm_agreement_auc": 0.55,
+                            "rm_used": False, "rm_min_agreement": 0.65,
+                            "rm_decision": "reward model not used: within-group AUC 0.550 < 0.65",
+                            "groups_with_task_reward_variance": 0.31, "rl_prompts_per_step": 32})  # fmt: skip
+    add_metrics(run, "dpo", {**paired_metrics(rows, base, noisy), **paired_metrics(rows, gained, noisy, "vs_control_")})
+    text = write_report(run).read_text()
+    metrics_table, stats = tables(text)[:2]
+    assert not any("_diff" in line or "_p " in line for line in metrics_table)  # comparisons have their own table
+    header = cells(stats[0])
+    assert header[:3] == ["stage", "compared with", "metric"] and "verdict" in header
+    rows_by = {(c[0], c[1], c[2]): dict(zip(header, c)) for c in map(cells, stats[2:])}
+    rl = rows_by[("rl", "start model", "task_accuracy")]
+    assert rl["verdict"] == "**gain**" and rl["difference"] == "+0.067" and rl["prompts"] == "1,200"
+    dpo = rows_by[("dpo", "start model", "task_accuracy")]
+    assert dpo["difference"] == "+0.010" and dpo["verdict"] == "no significant change"
+    assert float(dpo["p"]) > 0.05
+    assert rows_by[("dpo", "next-token control", "task_accuracy")]["verdict"] == "loss"
+    assert ("rl", "start model", "chain_sum_accuracy") in rows_by
+    assert "used by RL: **no**" in text and "reward model not used" in text and "31.0%" in text
+    assert "- pass@8: 0.5 -> 0.55" in text and "- headroom pass@8 - greedy: 0.2 -> 0.15" in text
+    assert "Reward during RL" in text and (run / "rl_reward.png").exists()
+
+
+def test_reward_points_each_average_enough_prompts():
+    from quill.tools.report import smooth_by_prompts
+
+    rows = [(5, 0.0), (10, 1.0), (15, 0.5), (20, 0.5)]  # a log row every 5 steps, 4 prompts a step: 20 prompts
+    points, window = smooth_by_prompts(rows, prompts_per_step=4, min_prompts=40)
+    assert window == 40 and [s for s, _ in points] == [10, 15, 20]
+    assert points[0][1] == pytest.approx(0.5) and points[1][1] == pytest.approx(0.75)
+    assert smooth_by_prompts(rows, prompts_per_step=4, min_prompts=1000) == ([], 0)

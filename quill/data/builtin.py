@@ -13,7 +13,7 @@ from quill.data.default_data import FILES, build_default_data
 from quill.errors import QuillError
 
 PREFIX = "quill:default/"
-VERSION = "v2"  # bump when the generator changes, so stale caches are not reused
+VERSION = "v3"  # bump when the generator changes, so stale caches are not reused
 
 
 def cache_dir() -> Path:

@@ -32,7 +32,7 @@ DEFAULT_SIZES = {
     "dpo_train": 2000,
     "dpo_eval": 200,
     "rl_train": 2000,
-    "rl_eval": 400,
+    "rl_eval": 1200,  # >= 1,000 held-out prompts: a paired test at n=400 cannot see a few points
 }
 FILES = ["pretrain_train", "pretrain_eval", "sft_train", "sft_eval", "dpo_train", "dpo_eval", "rl_train", "rl_eval"]
 

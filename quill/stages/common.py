@@ -240,8 +240,10 @@ class EvaluateBeforeTraining(TrainerCallback):
 # -- running and finishing ---------------------------------------------------------------------------------------
 
 
-def run_stage(stage: Stage, trainer, evaluate, datasets: list[str]) -> dict:
-    """Resume or start, train, evaluate, then write the finished folder. `evaluate()` returns the stage's metrics."""
+def run_stage(stage: Stage, trainer, evaluate, datasets: list[str], compare=None) -> dict:
+    """Resume or start, train, evaluate, then write the finished folder. `evaluate()` returns the stage's metrics;
+    `compare(before, after)`, if given, returns metrics relating the two (e.g. paired differences). Keys starting
+    with `_` (per-example results kept for `compare`) are not saved."""
     out, main = stage.output_dir, trainer.accelerator.is_main_process
     with stage.held:
         if stage.run.overwrite and main:
@@ -263,7 +265,9 @@ def run_stage(stage: Stage, trainer, evaluate, datasets: list[str]) -> dict:
             result = trainer.train(resume_from_checkpoint=resume)
         except OSError as err:
             raise disk_error(err, out / CHECKPOINTS) from err
-        metrics = {**before.metrics, **evaluate(), **run_summary(stage, trainer, result)}
+        after = evaluate()
+        metrics = {**before.metrics, **after, **(compare(before.metrics, after) if compare else {})}
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("_")} | run_summary(stage, trainer, result)
         finish_stage(stage, trainer, metrics, datasets)
     log(f"{stage.name}: done in {time.time() - stage.started:.0f}s -> {out} " + format_metrics(metrics))
     if stage.run.push_to_hub and main:

@@ -1,44 +1,129 @@
-"""Preference tuning with TRL's DPOTrainer, starting from the SFT model.
+"""Preference tuning with TRL's DPOTrainer, starting from the SFT model, on fixed pairs or on the model's own mistakes.
 
     quill dpo --config recipes/tiny/dpo.yaml [key=value ...]
 
+`pairs_from: dataset` trains on the dataset's chosen/rejected pairs. `pairs_from: policy` builds the pairs at stage
+start from the start model's own answers to the dataset's prompts (quill.data.pairs): chosen = the answer the
+labeller ranks best (the task scorer, a reward model or a judge model), rejected = the model's own answer it ranks
+worst. Listing the stage again in a recipe (`{name: dpo2, stage: dpo, from: dpo}`) is the next round: its pairs
+are rebuilt from the new model.
+
+With `control: true` the stage also trains a copy of the start model with plain next-token loss on the same chosen
+answers (TRL's `sft` loss, same batches, same steps) and reports DPO's paired difference against it: a gain that
+more supervised training on the chosen answers would have bought as well is not DPO's.
+
 Reference model, three ways (all TRL's own): a frozen copy of the starting model (default), its log-probs
-precomputed once (`precompute_ref_log_probs: true`, no second model in memory during training), or with
-`use_peft: true` the same model with the LoRA adapter disabled.
+precomputed once (`precompute_ref_log_probs: true`), or with `use_peft: true` the model with its adapter disabled.
 """
 
 import copy
+from dataclasses import dataclass, field
 
+from datasets import Dataset
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer
 
 from quill.arguments import DataArguments, ModelArguments, RunArguments
-from quill.errors import run_guarded
+from quill.data.pairs import PolicyPairArguments, policy_pairs
+from quill.errors import QuillError, run_guarded
+from quill.heldout import CORRECT, EvalArguments, compare_to_start, describe, paired_metrics
 from quill.loading import load_model
-from quill.metrics import dpo_preference_accuracy, task_accuracy
+from quill.metrics import dpo_preference_accuracy
 from quill.options import parse_stage_args
-from quill.stages.common import load_stage_data, load_task_eval, report_overlong, run_stage, start_stage
+from quill.output import CHECKPOINTS, read_json, write_json
+from quill.stages.common import (
+    StopOnNonFiniteLoss,
+    is_main_process,
+    load_stage_data,
+    load_task_eval,
+    log,
+    report_overlong,
+    run_stage,
+    start_stage,
+)
 
-ARG_TYPES = (DataArguments, ModelArguments, DPOConfig, RunArguments)
+
+@dataclass
+class QuillDPOConfig(DPOConfig, PolicyPairArguments):
+    control: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the start model with plain next-token loss on the same chosen answers (same batches "
+            "and steps) and report DPO's paired held-out difference against that control."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_pairs()
 
 
-def train(data_args: DataArguments, model_args: ModelArguments, args: DPOConfig, run: RunArguments) -> dict:
+ARG_TYPES = (DataArguments, ModelArguments, QuillDPOConfig, RunArguments, EvalArguments)
+
+
+def train_control(stage, args, train_set, task_rows, eval_args) -> dict:
+    """The start model trained with next-token loss on the chosen answers only (TRL's `sft` loss type), on the
+    same batches for the same steps; its held-out metrics, cached so a resumed stage does not train it again."""
+    cache = stage.output_dir / CHECKPOINTS / "control_metrics.json"
+    cached = read_json(cache)
+    if not stage.run.overwrite and cached.pop("fingerprint", None) == stage.fingerprint and cached.get(CORRECT):
+        return cached
+    control_args = copy.deepcopy(args)
+    control_args.loss_type, control_args.loss_weights = ["sft"], None
+    control_args.output_dir = str(stage.output_dir / CHECKPOINTS / "control")
+    control_args.save_strategy, control_args.report_to = "no", []
+    model = copy.deepcopy(stage.model)
+    trainer = DPOTrainer(
+        model=model,
+        args=control_args,
+        train_dataset=train_set,
+        processing_class=stage.tokenizer,
+        peft_config=stage.peft_config,
+        callbacks=[StopOnNonFiniteLoss()],
+    )
+    log(f"{stage.name}: training the next-token control ({args.max_steps} steps on the same chosen answers)")
+    trainer.train()
+    metrics = eval_args.evaluate(trainer.model, stage.tokenizer, task_rows, seed=args.seed)
+    if is_main_process():
+        write_json(cache, {**metrics, "fingerprint": stage.fingerprint})
+    return metrics
+
+
+def train(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    args: QuillDPOConfig,
+    run: RunArguments,
+    eval_args: EvalArguments,
+) -> dict:
     stage = start_stage("dpo", data_args, model_args, args, run)
     if stage.skipped:
         return stage.metrics
-    splits = load_stage_data(data_args, "dpo")
-    report_overlong("dpo", splits["train"], stage.tokenizer, args.max_length)
     task_rows = load_task_eval(data_args)
+    pair_metrics = {}
+    if args.pairs_from == "policy":
+        splits = load_stage_data(data_args, "rl")  # prompt rows: {prompt, task, answer, metadata}
+        train_pairs, eval_pairs, stats = policy_pairs(
+            "dpo", stage.model, stage.tokenizer, splits, args, model_args.trust_remote_code
+        )
+        log(f"dpo: {stats.describe()}")
+        train_set, pair_metrics = Dataset.from_list(train_pairs), stats.as_metrics()
+    else:
+        splits = load_stage_data(data_args, "dpo")
+        train_set, eval_pairs = splits["train"], list(splits["eval"])
+    report_overlong("dpo", train_set, stage.tokenizer, args.max_length)
+    if args.control and not task_rows:
+        raise QuillError("dpo: control: true needs held-out prompts to compare on", "set task_eval")
+    control = train_control(stage, args, train_set, task_rows, eval_args) if args.control else {}
     # The starting model, frozen, for the implicit-reward metric (what DPO's "rewards/accuracies" measures). A copy
     # is taken now, before training changes the weights, only where TRL keeps no reference model of its own.
     zero3, peft = is_deepspeed_zero3_enabled(), stage.peft_config is not None
     start = copy.deepcopy(stage.model).eval() if args.precompute_ref_log_probs and not (zero3 or peft) else None
-    pairs = list(splits["eval"])
     trainer = DPOTrainer(
         model=stage.model,
         args=args,
-        train_dataset=splits["train"],
-        eval_dataset=splits["eval"],
+        train_dataset=train_set,
+        eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
         processing_class=stage.tokenizer,
         peft_config=stage.peft_config,
         callbacks=stage.callbacks,
@@ -47,12 +132,27 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: DPOConfig,
     reference = metric_reference(trainer, stage, start, zero3, peft)
 
     def evaluate() -> dict:
-        metrics = dpo_preference_accuracy(trainer.model, reference, stage.tokenizer, pairs, beta=args.beta)
+        metrics = dict(pair_metrics)
+        if eval_pairs:
+            metrics.update(dpo_preference_accuracy(trainer.model, reference, stage.tokenizer, eval_pairs, args.beta))
         if task_rows:
-            metrics.update(task_accuracy(trainer.model, stage.tokenizer, task_rows))
+            metrics.update(eval_args.evaluate(trainer.model, stage.tokenizer, task_rows, seed=args.seed))
         return metrics
 
-    return run_stage(stage, trainer, evaluate, datasets=data_args.names())
+    to_start = compare_to_start(task_rows)
+
+    def compare(before: dict, after: dict) -> dict:
+        out = to_start(before, after)
+        if control and after.get(CORRECT):
+            out.update({f"control_{k}": v for k, v in control.items() if k.endswith("accuracy")})
+            out.update(paired_metrics(task_rows, control[CORRECT], after[CORRECT], prefix="vs_control_"))
+        return out
+
+    metrics = run_stage(stage, trainer, evaluate, datasets=data_args.names(), compare=compare)
+    for line in (describe(metrics), describe(metrics, "vs_control_task_accuracy")):
+        if line:
+            log(f"dpo: {line}")
+    return metrics
 
 
 def metric_reference(trainer, stage, start, zero3: bool, peft: bool):

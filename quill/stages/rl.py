@@ -2,9 +2,13 @@
 
     quill rl --config recipes/tiny/rl.yaml [reward_model_path=OUT/reward] [key=value ...]
 
-Rewards: the reward model trained by the `reward` stage (`reward_model_path`) and/or the tasks' own verifiable
-scorers (`verifiable_reward: true`, reasoning-gym's `score_answer`). GRPO samples `num_generations` completions per
-prompt and pushes the policy toward the better-than-average ones; no value model is needed.
+Rewards (quill.rewards): the tasks' own verifiable scorers (reasoning-gym's `score_answer`), plus the reward model
+trained by the `reward` stage only when it agrees with them. Before training, the stage samples the start policy on
+held-out prompts and measures that agreement (within-group AUC of the reward model on right vs wrong samples); below
+`reward_model_min_agreement` it says so and trains on the verifiable reward alone. The same samples give sampled
+pass@1 at the rollout temperature, pass@k and the headroom pass@k - greedy, with a warning when it is too small
+for RL to show. GRPO samples `num_generations` completions per prompt and pushes the policy toward the
+better-than-average ones; no value model is needed.
 """
 
 import math
@@ -13,12 +17,12 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig, GRPOTrainer
 
 from quill.arguments import DataArguments, ModelArguments, RunArguments
-from quill.data.tasks import reward_fn
 from quill.errors import QuillError, run_guarded
-from quill.loading import check_model_path
-from quill.metrics import task_accuracy
+from quill.heldout import SAMPLES, EvalArguments, compare_to_start, describe, headroom_warning
+from quill.loading import check_model_path, load_tokenizer
 from quill.options import parse_stage_args
-from quill.stages.common import load_stage_data, load_task_eval, run_stage, start_stage
+from quill.rewards import ScaledRewardModel, TaskReward, reward_model_agreement, use_reward_model
+from quill.stages.common import load_stage_data, load_task_eval, log, run_stage, start_stage
 
 
 @dataclass
@@ -26,7 +30,21 @@ class RLConfig(GRPOConfig):
     reward_model_path: str | None = field(
         default=None, metadata={"help": "Reward-model folder or Hub id (the reward stage's output)."}
     )
-    verifiable_reward: bool = field(default=True, metadata={"help": "Also reward with each task's own answer scorer."})
+    verifiable_reward: bool = field(default=True, metadata={"help": "Reward with each task's own answer scorer."})
+    reward_model_min_agreement: float = field(
+        default=0.65,
+        metadata={
+            "help": "Use the reward model only if its within-group AUC (right vs wrong samples of the start policy on "
+            "held-out prompts) reaches this; otherwise train on the verifiable reward alone."
+        },
+    )
+    reward_model_weight: float = field(
+        default=0.2,
+        metadata={
+            "help": "The reward model's term is weight * tanh(standardised score), so its spread within a group stays "
+            "below the 1.0 between a right and a wrong answer; must be < 0.5."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -41,49 +59,98 @@ class RLConfig(GRPOConfig):
                 "so a resume would not continue the same run",
                 f"set save_steps to a multiple of {period:g}, e.g. save_steps: {aligned}",
             )
+        if not 0 < self.reward_model_weight < 0.5:
+            raise ValueError(f"reward_model_weight must be in (0, 0.5), found {self.reward_model_weight}")
+        if self.reward_model_path and self.scale_rewards in (True, "group"):
+            raise QuillError(
+                "scale_rewards 'group' divides each group's rewards by their own spread, which turns reward-model "
+                "noise in groups whose task reward is constant into full-size advantages",
+                "set scale_rewards: batch (or none) when reward_model_path is set",
+            )
+        if not self.reward_model_path and not self.verifiable_reward:
+            raise QuillError("rl: no reward given", fix="set reward_model_path and/or verifiable_reward: true")
 
 
-ARG_TYPES = (DataArguments, ModelArguments, RLConfig, RunArguments)
+ARG_TYPES = (DataArguments, ModelArguments, RLConfig, RunArguments, EvalArguments)
 
 
-def task_reward(completions, **columns) -> list[float]:
-    return reward_fn(completions, **columns)
-
-
-def reward_functions(args: RLConfig) -> list:
-    funcs = []
-    if args.reward_model_path:
-        check_model_path(args.reward_model_path)
-        funcs.append(args.reward_model_path)  # GRPO loads it as AutoModelForSequenceClassification(num_labels=1)
+def reward_functions(args: RLConfig, model_args, start: dict, task_rows: list[dict]) -> tuple[list, dict]:
+    """The reward functions GRPO gets, and the metrics that record the choice (agreement, used or not, why)."""
+    funcs, info = [], {}
     if args.verifiable_reward:
-        funcs.append(task_reward)
-    if not funcs:
-        raise QuillError("rl: no reward given", fix="set reward_model_path and/or verifiable_reward: true")
-    return funcs
+        funcs.append(TaskReward(args.num_generations))
+    if args.reward_model_path:
+        from transformers import AutoModelForSequenceClassification
+
+        check_model_path(args.reward_model_path)
+        tokenizer = load_tokenizer(args.reward_model_path, model_args.trust_remote_code)
+        reward_model = AutoModelForSequenceClassification.from_pretrained(
+            args.reward_model_path, num_labels=1, trust_remote_code=model_args.trust_remote_code
+        ).eval()
+        rows = task_rows[: len(start[SAMPLES])]
+        agreement = reward_model_agreement(reward_model, tokenizer, rows, start[SAMPLES], start["_sample_correct"])
+        used, why = use_reward_model(agreement, args.reward_model_min_agreement)
+        if not args.verifiable_reward and not used:
+            raise QuillError(f"rl: {why}, and verifiable_reward is false", "set verifiable_reward: true")
+        log(f"rl: {why}")
+        info = {**agreement.as_metrics(), "rm_min_agreement": args.reward_model_min_agreement, "rm_used": used}
+        info["_rm_decision"] = why
+        if used:
+            funcs.append(
+                ScaledRewardModel(reward_model, tokenizer, agreement.mean, agreement.std, args.reward_model_weight)
+            )
+    return funcs, info
 
 
-def train(data_args: DataArguments, model_args: ModelArguments, args: RLConfig, run: RunArguments) -> dict:
+def train(
+    data_args: DataArguments, model_args: ModelArguments, args: RLConfig, run: RunArguments, eval_args: EvalArguments
+) -> dict:
     stage = start_stage("rl", data_args, model_args, args, run)
     if stage.skipped:
         return stage.metrics
     splits = load_stage_data(data_args, "rl")
     task_rows = load_task_eval(data_args) or list(splits["eval"])
-    if args.reward_model_path:
-        args.model_init_kwargs = {**(args.model_init_kwargs or {}), "trust_remote_code": model_args.trust_remote_code}
+    if not eval_args.eval_samples:
+        eval_args.eval_samples = args.num_generations  # headroom and agreement need samples
+    # The start policy on held-out prompts, sampled at the rollout temperature; taken before the trainer exists
+    # because it decides the rewards.
+    start = eval_args.evaluate(stage.model, stage.tokenizer, task_rows, temperature=args.temperature, seed=args.seed)
+    warning = headroom_warning(start)
+    if warning:
+        log(f"rl: warning: {warning}")
+    funcs, reward_info = reward_functions(args, model_args, start, task_rows)
     trainer = GRPOTrainer(
         model=stage.model,
         args=args,
-        reward_funcs=reward_functions(args),
+        reward_funcs=funcs,
         train_dataset=splits["train"],
         processing_class=stage.tokenizer,
         peft_config=stage.peft_config,
         callbacks=stage.callbacks,
     )
+    prompts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    prompts_per_step //= args.num_generations
 
     def evaluate() -> dict:
-        return task_accuracy(trainer.model, stage.tokenizer, task_rows)
+        if trainer.state.global_step == 0:  # the start model, already measured above
+            return {k: v for k, v in start.items() if k not in (SAMPLES, "_sample_correct")}
+        metrics = eval_args.evaluate(trainer.model, trainer.processing_class, task_rows, args.temperature, args.seed)
+        metrics = {k: v for k, v in metrics.items() if k not in (SAMPLES, "_sample_correct")}
+        metrics.update({k: v for k, v in reward_info.items() if not k.startswith("_")})
+        metrics["rl_prompts_per_step"] = prompts_per_step
+        task_reward = next((f for f in funcs if isinstance(f, TaskReward)), None)
+        if task_reward is not None and task_reward.groups:
+            metrics["groups_with_task_reward_variance"] = task_reward.share_with_variance
+        if warning:
+            metrics["headroom_warning"] = warning
+        if "_rm_decision" in reward_info:
+            metrics["rm_decision"] = reward_info["_rm_decision"]
+        return metrics
 
-    return run_stage(stage, trainer, evaluate, datasets=data_args.names())
+    metrics = run_stage(stage, trainer, evaluate, datasets=data_args.names(), compare=compare_to_start(task_rows))
+    if describe(metrics):
+        log(f"rl: {describe(metrics)}")
+    return metrics
 
 
 def main(argv=None):

@@ -11,15 +11,17 @@ from trl import SFTConfig, SFTTrainer
 
 from quill.arguments import DataArguments, ModelArguments, RunArguments
 from quill.errors import run_guarded
-from quill.metrics import task_accuracy
+from quill.heldout import EvalArguments, compare_to_start
 from quill.options import parse_stage_args
 from quill.stages.common import load_stage_data, load_task_eval, report_overlong, run_stage, start_stage
 from quill.stages.distributed import eval_loss
 
-ARG_TYPES = (DataArguments, ModelArguments, SFTConfig, RunArguments)
+ARG_TYPES = (DataArguments, ModelArguments, SFTConfig, RunArguments, EvalArguments)
 
 
-def train(data_args: DataArguments, model_args: ModelArguments, args: SFTConfig, run: RunArguments) -> dict:
+def train(
+    data_args: DataArguments, model_args: ModelArguments, args: SFTConfig, run: RunArguments, eval_args: EvalArguments
+) -> dict:
     stage = start_stage("sft", data_args, model_args, args, run)
     if stage.skipped:
         return stage.metrics
@@ -40,10 +42,10 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: SFTConfig,
     def evaluate() -> dict:
         metrics = {"eval_loss": eval_loss(trainer)} if trainer.eval_dataset is not None else {}
         if task_rows:
-            metrics.update(task_accuracy(trainer.model, stage.tokenizer, task_rows))
+            metrics.update(eval_args.evaluate(trainer.model, stage.tokenizer, task_rows, seed=args.seed))
         return metrics
 
-    return run_stage(stage, trainer, evaluate, datasets=data_args.names())
+    return run_stage(stage, trainer, evaluate, datasets=data_args.names(), compare=compare_to_start(task_rows))
 
 
 def main(argv=None):

@@ -13,12 +13,12 @@ import json
 import os
 import platform
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from quill.errors import QuillError, run_guarded
 from quill.output import MARKER, read_json
 from quill.stages import STAGES
+from quill.tools.report_stats import NOTE_KEYS, StageReport, comparison_keys, fmt, num, statistics_section
 
 RUN_RECORD = "quill_run.json"  # written by quill.runner (not imported: it would pull in the planner)
 # Cost rows, after the quality metrics, in this order.
@@ -55,16 +55,7 @@ PACKAGES = (
     "reasoning-gym",
     "quill",
 )
-MISSING = "—"
-
-
-@dataclass
-class StageReport:
-    name: str
-    folder: Path
-    metrics: dict = field(default_factory=dict)
-    log: list = field(default_factory=list)  # the Trainer's log_history
-    done: bool = False
+SMOOTH_PROMPTS = 256  # each point of the RL reward plot averages at least this many prompts
 
 
 def load_stages(run_dir: Path) -> list[StageReport]:
@@ -113,9 +104,11 @@ def _read_list(path: Path) -> list:
 
 
 def metric_rows(stages: list[StageReport]) -> list[str]:
-    """Quality metrics first (each `<m>_before` right above `<m>`, so a stage's gain reads top to bottom), then cost."""
+    """Quality metrics first (each `<m>_before` right above `<m>`, so a stage's gain reads top to bottom), then cost.
+    Paired comparisons and sentences have their own section (statistics_section)."""
     keys = list(dict.fromkeys(k for s in stages for k in s.metrics))
-    quality = [k for k in keys if k not in COST_KEYS]
+    paired = {k for s in stages for k in comparison_keys(s.metrics)}
+    quality = [k for k in keys if k not in COST_KEYS and k not in paired and k not in NOTE_KEYS]
     rows = []
     for key in quality:
         base = key.removesuffix("_before")
@@ -123,18 +116,6 @@ def metric_rows(stages: list[StageReport]) -> list[str]:
             if k in quality and k not in rows:
                 rows.append(k)
     return rows + [k for k in COST_KEYS if k in keys]
-
-
-def fmt(value) -> str:
-    if value is None:
-        return MISSING
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def metrics_table(stages: list[StageReport]) -> str:
@@ -210,15 +191,15 @@ def plot_training_loss(stages: list[StageReport], path: Path) -> bool:
 
 def plot_eval_metrics(stages: list[StageReport], path: Path) -> bool:
     """One panel per held-out metric: its value before (light) and after (dark) each stage that measured it."""
-    panels = [m for m in PLOTTED if any(_num(s.metrics.get(m)) is not None for s in stages)]
+    panels = [m for m in PLOTTED if any(num(s.metrics.get(m)) is not None for s in stages)]
     if not panels:
         return False
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], panels, strict=True):
-        names = [s.name for s in stages if _num(s.metrics.get(metric)) is not None]
+        names = [s.name for s in stages if num(s.metrics.get(metric)) is not None]
         after = [s.metrics[metric] for s in stages if s.name in names]
-        before = [_num(s.metrics.get(f"{metric}_before")) for s in stages if s.name in names]
+        before = [num(s.metrics.get(f"{metric}_before")) for s in stages if s.name in names]
         x = range(len(names))
         ax.bar([i - 0.2 for i in x], [b if b is not None else 0 for b in before], 0.4, label="before", color="#9ecae1")
         ax.bar([i + 0.2 for i in x], after, 0.4, label="after", color="#3182bd")
@@ -233,7 +214,8 @@ def plot_eval_metrics(stages: list[StageReport], path: Path) -> bool:
 
 
 def plot_rl_reward(stages: list[StageReport], path: Path) -> bool:
-    """Reward during RL: `reward` (the total) and each `rewards/<func>/mean` from the rl stage's log_history."""
+    """Reward during RL: `reward` (the total) and each `rewards/<func>/mean` from the rl stage's log_history, each
+    point a mean over at least SMOOTH_PROMPTS prompts (a log row averages logging_steps x prompts per step)."""
     rl = next((s for s in stages if s.name == "rl"), None)
     if rl is None:
         return False
@@ -244,15 +226,40 @@ def plot_rl_reward(stages: list[StageReport], path: Path) -> bool:
     ]
     if not keys:
         return False
-    series = {
-        key: [(r["step"], r[key]) for r in rl.log if _num(r.get(key)) is not None and "step" in r] for key in keys
-    }
-    _line_chart(series, path, "step", "mean reward", "Reward during RL")
+    per_step = num(rl.metrics.get("rl_prompts_per_step"))
+    series, window = {}, None
+    for key in keys:
+        rows = [(r["step"], r[key]) for r in rl.log if num(r.get(key)) is not None and "step" in r]
+        points, window = smooth_by_prompts(rows, per_step, SMOOTH_PROMPTS)
+        if points:
+            series[key] = points
+    if not series:
+        return False
+    if per_step:
+        title = f"Reward during RL (each point: mean over the last {window:,} prompts)"
+    else:
+        title = "Reward during RL (per log row; prompts per step unknown)"
+    _line_chart(series, path, "step", "mean reward", title)
     return True
 
 
-def _num(value):
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+def smooth_by_prompts(rows: list[tuple], prompts_per_step, min_prompts: int) -> tuple[list[tuple], int]:
+    """Running means of (step, value) log rows, each over the fewest latest rows that cover `min_prompts` prompts
+    (row i covers (step_i - step_{i-1}) x prompts_per_step). Returns the points and the prompts per point."""
+    if not prompts_per_step:
+        return rows, 0
+    sizes = [(step - prev) * prompts_per_step for (step, _), prev in zip(rows, [0] + [s for s, _ in rows])]
+    points, covered = [], 0
+    for i, (step, _) in enumerate(rows):
+        total, weight, j = 0.0, 0, i
+        while j >= 0 and weight < min_prompts:
+            total += rows[j][1] * sizes[j]
+            weight += sizes[j]
+            j -= 1
+        if weight >= min_prompts:
+            points.append((step, total / weight))
+            covered = max(covered, weight)
+    return points, covered
 
 
 # -- the report ------------------------------------------------------------------------------------------------
@@ -287,8 +294,8 @@ def write_report(run_dir) -> Path:
 def render(run_dir: Path, stages: list[StageReport], images: list[str]) -> str:
     present = {s.name for s in stages}
     absent = [n for n in STAGES if n not in present]
-    wall = sum(_num(s.metrics.get("wall_seconds")) or 0 for s in stages)
-    tokens = sum(_num(s.metrics.get("tokens_seen")) or 0 for s in stages)
+    wall = sum(num(s.metrics.get("wall_seconds")) or 0 for s in stages)
+    tokens = sum(num(s.metrics.get("tokens_seen")) or 0 for s in stages)
     parts = [
         f"# Quill run report: `{run_dir.resolve().name}`",
         "",
@@ -300,6 +307,7 @@ def render(run_dir: Path, stages: list[StageReport], images: list[str]) -> str:
         "",
         metrics_table(stages),
         "",
+        *statistics_section(stages),
         "## Plots",
         "",
         *(images or ["No training logs to plot."]),
