@@ -78,10 +78,14 @@ def reward_model_agreement(
     return Agreement(within_group_auc(groups), mean, std)
 
 
-def use_reward_model(agreement: Agreement, threshold: float) -> tuple[bool, str]:
+def use_reward_model(agreement: Agreement, threshold: float | None) -> tuple[bool, str]:
     """Whether RL may use the reward model, and the sentence that says why (for the log and the report)."""
     auc = agreement.auc
     measured = f"within-group AUC {auc.auc:.3f} (95% CI {auc.low:.3f}-{auc.high:.3f}, {auc.pairs} right/wrong pairs)"
+    if threshold is None:
+        if math.isnan(auc.auc):
+            measured = "its agreement is unmeasured: no prompt had both a right and a wrong sample"
+        return True, f"reward model used without an agreement check (reward_model_min_agreement: null); {measured}"
     if math.isnan(auc.auc):
         return False, "reward model not used: no prompt had both a right and a wrong sample to measure agreement on"
     if auc.auc >= threshold:

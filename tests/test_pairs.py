@@ -209,3 +209,17 @@ def test_rl_falls_back_to_the_verifiable_reward_below_the_agreement_threshold(tm
     assert "reward model used" in capsys.readouterr().err
     with pytest.raises(QuillError, match="scale_rewards 'group'"):
         RLConfig(output_dir=str(tmp_path / "o"), reward_model_path=str(folder), scale_rewards="group", use_cpu=True)
+    # null: RLHF on prompts no scorer grades (gpt2-124m's ultrafeedback) uses the reward model unchecked, and says so.
+    funcs, info = reward_functions(config(None), ModelArguments(), start, rows)
+    assert [type(f) for f in funcs] == [TaskReward, ScaledRewardModel] and info["rm_used"] is True
+    assert "without an agreement check" in capsys.readouterr().err
+
+
+def test_policy_pairs_scored_by_the_task_scorer_need_prompts_with_answers():
+    from datasets import Dataset
+
+    from quill.data.pairs import PolicyPairArguments, policy_pairs
+
+    preference = Dataset.from_list([{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(QuillError, match="needs prompt rows with task and answer columns"):
+        policy_pairs("dpo", None, None, {"train": preference, "eval": preference}, PolicyPairArguments())

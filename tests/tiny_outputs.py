@@ -143,7 +143,8 @@ def preference_argv(stage: str, out: Path, model: Path, *extra: str) -> list[str
         "use_cpu=true",
         "dataloader_num_workers=0",
         "seed=0",
-        *(["task_eval_limit=4"] if stage == "dpo" else []),
+        "pairs_from=dataset",  # the fixed pairs: the recipe's on-policy pairs need prompts with answers
+        *(["task_eval_limit=4", "control=false"] if stage == "dpo" else ["agreement_samples=0"]),
         *extra,
     ]
 
@@ -158,6 +159,7 @@ def rl_argv(out: Path, model: Path, reward_model: Path, *extra: str) -> list[str
         f"model_name_or_path={model}",
         f"reward_model_path={reward_model}",
         "verifiable_reward=false",
+        "reward_model_min_agreement=null",  # the tiny SFT model answers nothing right, so agreement is unmeasurable
         "dataset_mixture=[{path: quill:default/rl_train, max_samples: 48}]",
         "task_eval_limit=4",
         "num_generations=4",

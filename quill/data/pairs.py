@@ -284,6 +284,13 @@ def policy_pairs(
     stage_name: str, model, tokenizer, splits: dict, args: PolicyPairArguments, trust_remote_code: bool = False
 ) -> tuple[list, list, PairStats]:
     """Train and held-out pairs from `model`'s answers to a stage's prompt splits, and the train build's stats."""
+    columns = splits["train"].column_names
+    if args.pair_labeller == "scorer" and not {"task", "answer"} <= set(columns):
+        raise QuillError(
+            f"{stage_name}: pairs_from: policy with pair_labeller: scorer needs prompt rows with task and answer "
+            f"columns (as quill:default/rl_train has), found columns {columns}",
+            "use such prompts, or pairs_from: dataset for chosen/rejected data",
+        )
     labeller = make_labeller(args.pair_labeller, args.labeller_model, trust_remote_code)
     built = {}
     for name in ("train", "eval"):

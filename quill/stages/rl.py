@@ -31,11 +31,12 @@ class RLConfig(GRPOConfig):
         default=None, metadata={"help": "Reward-model folder or Hub id (the reward stage's output)."}
     )
     verifiable_reward: bool = field(default=True, metadata={"help": "Reward with each task's own answer scorer."})
-    reward_model_min_agreement: float = field(
+    reward_model_min_agreement: float | None = field(
         default=0.65,
         metadata={
             "help": "Use the reward model only if its within-group AUC (right vs wrong samples of the start policy on "
-            "held-out prompts) reaches this; otherwise train on the verifiable reward alone."
+            "held-out prompts) reaches this; otherwise train on the verifiable reward alone. null: use it without "
+            "this check (RLHF on prompts no task scorer can grade; the agreement is still measured and reported)."
         },
     )
     reward_model_weight: float = field(
