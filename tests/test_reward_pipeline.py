@@ -44,6 +44,8 @@ def reward_dir(tmp_path_factory):
         "save_steps=25",
         "use_cpu=true",
         "dataloader_num_workers=0",
+        "pairs_from=dataset",  # the planted pairs above, not the recipe's on-policy pairs
+        "agreement_samples=0",
         "report_to=[tensorboard]",  # a stage run on its own, outside quill run: its own tracker run
     ]
     done = run_quill(args, tiny["env"])

@@ -43,8 +43,11 @@ READ_TRACKIO = """
     import json, sys
     from trackio.sqlite_storage import SQLiteStorage
     project, runs = sys.argv[1], sys.argv[2:]
-    print(json.dumps({run: [[row["step"], row["train/loss"]] for row in SQLiteStorage.get_logs(project, run)
-                            if row.get("train/loss") is not None] for run in runs}))
+    # The trainer's step is `train/global_step` (transformers' TrackioCallback logs it); trackio's own `step` counts
+    # its log calls, from 0 or 1 depending on what was logged first.
+    logs = {run: SQLiteStorage.get_logs(project, run) for run in runs}
+    print(json.dumps({run: [[row["train/global_step"], row["train/loss"]] for row in rows
+                            if row.get("train/loss") is not None] for run, rows in logs.items()}))
 """
 
 

@@ -141,6 +141,17 @@ def load_stage_data(data_args, schema: str):
     return load_mixture(sources, seed=data_args.dataset_seed, eval_size=data_args.eval_size, stage=schema)
 
 
+def load_policy_prompts(data_args, stage: str):
+    """The prompt rows ({prompt, task, answer, metadata}, the rl schema) that on-policy pairs are built from."""
+    try:
+        return load_stage_data(data_args, "rl")
+    except QuillError as e:
+        raise QuillError(
+            f"{stage} with pairs_from: policy builds pairs from prompts, and {e.problem}",
+            "give prompt rows (as quill:default/rl_train has), or set pairs_from: dataset for chosen/rejected pairs",
+        ) from None
+
+
 def load_stage_stream(data_args, schema: str):
     """(held-out rows, a function that opens the training stream) for a streamed stage.
 

@@ -34,6 +34,7 @@ from quill.output import CHECKPOINTS, read_json, write_json
 from quill.stages.common import (
     StopOnNonFiniteLoss,
     is_main_process,
+    load_policy_prompts,
     load_stage_data,
     load_task_eval,
     log,
@@ -102,7 +103,7 @@ def train(
     task_rows = load_task_eval(data_args)
     pair_metrics = {}
     if args.pairs_from == "policy":
-        splits = load_stage_data(data_args, "rl")  # prompt rows: {prompt, task, answer, metadata}
+        splits = load_policy_prompts(data_args, "dpo")
         train_pairs, eval_pairs, stats = policy_pairs(
             "dpo", stage.model, stage.tokenizer, splits, args, model_args.trust_remote_code
         )

@@ -31,7 +31,15 @@ from quill.loading import CLASSIFIER
 from quill.metrics import reward_preference_accuracy
 from quill.options import parse_stage_args
 from quill.rewards import reward_model_agreement
-from quill.stages.common import load_stage_data, load_task_eval, log, report_overlong, run_stage, start_stage
+from quill.stages.common import (
+    load_policy_prompts,
+    load_stage_data,
+    load_task_eval,
+    log,
+    report_overlong,
+    run_stage,
+    start_stage,
+)
 
 
 @dataclass
@@ -85,7 +93,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: QuillRewar
         if task_rows:
             on_policy = policy_samples(policy, stage.tokenizer, task_rows, args)
     if args.pairs_from == "policy":
-        splits = load_stage_data(data_args, "rl")  # prompt rows: {prompt, task, answer, metadata}
+        splits = load_policy_prompts(data_args, "reward")
         train_pairs, pairs, stats = policy_pairs(
             "reward", policy, stage.tokenizer, splits, args, model_args.trust_remote_code
         )
