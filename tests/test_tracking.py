@@ -15,8 +15,11 @@ def args(report_to, **kw):
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    monkeypatch.delenv(RUN_NAME_ENV, raising=False)
-    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    # configure_tracking sets TENSORBOARD_LOGGING_DIR in this process. monkeypatch only restores a variable it saw,
+    # so set each one before deleting it: otherwise the folder leaks into later tests' stage processes on this worker.
+    for name in (RUN_NAME_ENV, "TENSORBOARD_LOGGING_DIR"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 def test_stages_of_a_run_share_the_project_and_are_named_by_their_folder(tmp_path, monkeypatch):
