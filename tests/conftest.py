@@ -160,29 +160,10 @@ def fineweb_local(tmp_path_factory):
 
 def streamed_pretrain_argv(out, tok, fineweb, *extra: str) -> list[str]:
     """A tiny pretraining run that streams the fineweb-edu copy (a local dataset repo folder)."""
-    from tiny_outputs import TINY_MODEL
+    from tiny_outputs import pretrain_argv
 
-    return [
-        "--config",
-        "recipes/tiny/pretrain.yaml",
-        f"output_dir={out}",
-        f"tokenizer_name_or_path={tok}",
-        TINY_MODEL,
-        f"dataset_mixture=[{{path: {fineweb}, name: sample-10BT, max_samples: 400}}]",
-        "streaming=true",
-        "eval_size=8",
-        "max_length=64",
-        "per_device_train_batch_size=4",
-        "max_steps=8",
-        "save_steps=2",
-        "logging_steps=1",
-        "warmup_steps=0",
-        "use_cpu=true",
-        "dataloader_num_workers=0",
-        "seed=0",
-        "disable_tqdm=true",
-        *extra,
-    ]
+    mixture = f"dataset_mixture=[{{path: {fineweb}, name: sample-10BT, max_samples: 400}}]"
+    return pretrain_argv(out, tok, mixture, "streaming=true", "eval_size=8", "max_steps=8", "disable_tqdm=true", *extra)
 
 
 @pytest.fixture(scope="session")

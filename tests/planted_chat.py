@@ -22,23 +22,14 @@ def build_chat_model(folder: Path) -> Path:
     """Train and save the model into `folder` once (later calls reuse it); returns `folder`."""
     if (folder / "model.safetensors").exists():
         return folder
-    from test_remote_code import tiny_tokenizer  # tests/ is on sys.path (conftest.py)
+    from tiny_model import tiny_config, tiny_tokenizer  # tests/ is on sys.path (conftest.py)
 
-    from quill.model import QuillConfig, QuillForCausalLM
+    from quill.model import QuillForCausalLM
     from quill.stages.common import sync_generation_config
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    config = QuillConfig(
-        depth=1,
-        hidden_size=64,
-        num_attention_heads=2,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = QuillForCausalLM(config)
+    model = QuillForCausalLM(tiny_config(tokenizer, depth=1))
     rows = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in CONVERSATIONS]
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_remote_code import save_checkpoint
+from tiny_model import save_checkpoint
 from tiny_outputs import run_quill, stage_env
 
 from quill.tools.attention import CELL_INCHES

@@ -13,34 +13,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tiny_outputs import TINY_MODEL, run_quill, tree_hash
+from tiny_outputs import PRETRAIN_OPTIONS, SFT_OPTIONS, TINY_MODEL, run_quill, tree_hash
 
-PRETRAIN_SMALL = [
-    "eval_size=0",
-    "max_length=64",
-    "per_device_train_batch_size=4",
-    "max_steps=2",
-    "save_steps=2",
-    "logging_steps=1",
-    "warmup_steps=0",
-    "use_cpu=true",
-    "dataloader_num_workers=0",
-    "seed=0",
-]
-SFT_SMALL = [
-    "eval_size=0",
-    "max_length=128",
-    "task_eval_limit=4",
-    "per_device_train_batch_size=4",
-    "max_steps=2",
-    "save_steps=2",
-    "logging_steps=1",
-    "warmup_steps=0",
-    "use_cpu=true",
-    "dataloader_num_workers=0",
-    "seed=0",
-    "bf16=false",
-]
+PRETRAIN_SMALL = [*PRETRAIN_OPTIONS, "eval_size=0", "max_steps=2"]
+SFT_SMALL = [*SFT_OPTIONS, "eval_size=0", "max_steps=2"]
 
 
 # ----------------------------------------------------------------------------- shared tiny outputs (same as the

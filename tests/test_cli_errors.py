@@ -16,39 +16,7 @@ from quill.errors import QuillError, run_guarded
 QUILL = shutil.which("quill")
 needs_quill = pytest.mark.skipif(QUILL is None, reason="the quill console script is not installed (pip install -e .)")
 
-FAKE_STAGE = """
-from dataclasses import dataclass
-from pathlib import Path
-
-from quill.arguments import RunArguments
-from quill.errors import run_guarded
-from quill.options import parse_stage_args
-from quill.output import mark_done as mark_stage_done
-
-
-@dataclass
-class FakeArguments:
-    learning_rate: float = 1e-3
-    crash: bool = False
-
-
-ARG_TYPES = (FakeArguments, RunArguments)
-
-
-def train(fake, run):
-    if fake.crash:
-        raise RuntimeError("boom")
-    mark_stage_done(run.output_dir, {})
-    return {}
-
-
-def main(argv=None):
-    run_guarded(lambda: train(*parse_stage_args(ARG_TYPES, argv)))
-
-
-if __name__ == "__main__":
-    main()
-"""
+FAKE_STAGE = (Path(__file__).parent / "fake_stage.py").read_text()  # seconds, crash, learning_rate
 
 
 @pytest.fixture

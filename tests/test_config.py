@@ -277,48 +277,7 @@ def test_dataset_mixture_errors(mixture, expected):
 # Recipes with fake stages
 # ---------------------------------------------------------------------------------------------------------------
 
-FAKE_STAGE = """
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
-from quill.arguments import ModelArguments, RunArguments
-from quill.errors import run_guarded
-from quill.options import parse_stage_args
-from quill.output import mark_done as mark_stage_done
-
-
-@dataclass
-class FakeArguments:
-    learning_rate: float = 1e-3
-    crash: bool = False
-
-
-ARG_TYPES = (FakeArguments, ModelArguments, RunArguments)
-
-
-def train(fake, model, run, *rest):
-    if fake.crash:
-        raise RuntimeError("boom")
-    out = Path(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    seen = {"learning_rate": fake.learning_rate, "model": model.model_name_or_path,
-            "tokenizer": model.tokenizer_name_or_path, "overwrite": run.overwrite}
-    if rest:
-        seen["reward_model"] = rest[0].reward_model_path
-    (out / "args.json").write_text(json.dumps(seen))
-    (out / "metrics.json").write_text("{}")
-    mark_stage_done(out, {"seen": seen})
-    return {}
-
-
-def main(argv=None):
-    run_guarded(lambda: train(*parse_stage_args(ARG_TYPES, argv)))
-
-
-if __name__ == "__main__":
-    main()
-"""
+FAKE_STAGE = (Path(__file__).parent / "fake_stage.py").read_text()
 
 FAKE_RL = """
 from dataclasses import dataclass

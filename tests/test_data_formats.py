@@ -82,7 +82,7 @@ def test_sources_are_recognised_by_their_columns_or_declared(tmp_path):
 def test_chat_text_renders_conversations_as_the_chat_template_does(tmp_path):
     """Mid-training trains on chats as plain text: exactly the template's layout, less the <|bos|> that
     tokenizer(text) adds itself."""
-    from test_remote_code import tiny_tokenizer
+    from tiny_model import tiny_tokenizer
 
     chats = [r["messages"] for r in load_source(str(write_jsonl(tmp_path / "a.jsonl", ALPACA)))]
     path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": m, "task": "t"} for m in chats])

@@ -7,13 +7,14 @@ import sys
 
 import pytest
 import torch
+from tiny_model import save_checkpoint
 
 from quill import cli
 from quill import metrics as evaluation
 from quill.data import tasks
 from quill.data.tokenizer import END, train_tokenizer
 from quill.loading import load_tokenizer
-from quill.model import QuillConfig, QuillForCausalLM, QuillForSequenceClassification
+from quill.model import QuillForCausalLM, QuillForSequenceClassification
 from quill.output import MARKER
 from quill.tools import eval as eval_tool
 
@@ -73,26 +74,11 @@ def tiny_tokenizer():
     return train_tokenizer(corpus, vocab_size=400)
 
 
-def tiny_config(tok, **extra) -> QuillConfig:
-    return QuillConfig(
-        depth=2,
-        hidden_size=64,
-        num_attention_heads=2,
-        vocab_size=-(-len(tok) // 64) * 64,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        **extra,
-    )
-
-
 def make_checkpoint(path, seed: int = 0, cls=QuillForCausalLM):
     """A tiny Quill folder, saved the way a stage saves it (weights, config, tokenizer, chat template)."""
+    labels = {"num_labels": 1} if cls is QuillForSequenceClassification else {}
     tok = tiny_tokenizer()
-    torch.manual_seed(seed)
-    model = cls(tiny_config(tok, num_labels=1) if cls is QuillForSequenceClassification else tiny_config(tok))
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    save_checkpoint(path, seed, cls, tokenizer=tok, vocab_size=-(-len(tok) // 64) * 64, **labels)
     return path
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_remote_code import save_checkpoint
+from tiny_model import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONSTRAINTS = REPO / ".ci" / "constraints-lowest.txt"
@@ -142,7 +142,7 @@ print(json.dumps({{"version": transformers.__version__, "tokens": out.sequences[
 
 
 def generate_in(python: Path, path: Path, home: Path) -> dict:
-    from test_remote_code import BLOCK_PROJECT
+    from tiny_model import BLOCK_PROJECT
 
     done = subprocess.run(
         [str(python), "-c", BLOCK_PROJECT + textwrap.dedent(GENERATE.format(path=str(path)))],
@@ -163,7 +163,7 @@ def test_a_checkpoint_generates_the_same_tokens_under_both_ends_of_the_range(low
     save_checkpoint(newest)  # this process: the newest versions
     saver = (
         f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); sys.path.insert(0, {str(REPO)!r})\n"
-        f"from test_remote_code import save_checkpoint; save_checkpoint({str(tmp_path / 'saved_by_lowest')!r})"
+        f"from tiny_model import save_checkpoint; save_checkpoint({str(tmp_path / 'saved_by_lowest')!r})"
     )
     subprocess.run([str(lowest_env), "-c", saver], cwd=tmp_path, check=True, capture_output=True, timeout=300)
     for folder in (newest, tmp_path / "saved_by_lowest"):

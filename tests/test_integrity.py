@@ -69,49 +69,15 @@ def test_lock_names_the_holder_and_dies_with_it(tmp_path):
         pass
 
 
-FAKE_STAGE = """
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
-from quill.arguments import RunArguments
-from quill.errors import run_guarded
-from quill.options import parse_stage_args
-from quill.output import mark_done
-
-
-@dataclass
-class Slow:
-    seconds: float = 0.0
-    crash: bool = False
-
-
-ARG_TYPES = (Slow, RunArguments)
-
-
-def train(slow, run):
-    time.sleep(slow.seconds)
-    if slow.crash:
-        raise RuntimeError("boom")
-    mark_done(Path(run.output_dir), {})
-    return {}
-
-
-def main(argv=None):
-    run_guarded(lambda: train(*parse_stage_args(ARG_TYPES, argv)))
-
-
-if __name__ == "__main__":
-    main()
-"""
+FAKE_STAGE = (Path(__file__).parent / "fake_stage.py").read_text()  # seconds, crash, learning_rate
 
 
 @pytest.fixture
 def slow_recipe(tmp_path):
     folder = tmp_path / "rec"
     folder.mkdir()
-    (folder / "slow.py").write_text(FAKE_STAGE)
-    (folder / "recipe.yaml").write_text("name: slow\nstages:\n  - {name: a, module: slow}\n")
+    (folder / "fake_stage.py").write_text(FAKE_STAGE)
+    (folder / "recipe.yaml").write_text("name: slow\nstages:\n  - {name: a, module: fake_stage}\n")
     return folder
 
 
@@ -157,7 +123,7 @@ def test_a_failing_stage_under_quill_run_prints_one_error_line(slow_recipe, tmp_
 def test_stage_names_cannot_leave_the_run_folder(slow_recipe, tmp_path):
     from quill.recipe import load_recipe
 
-    (slow_recipe / "recipe.yaml").write_text("stages:\n  - {name: ../../x, module: slow}\n")
+    (slow_recipe / "recipe.yaml").write_text("stages:\n  - {name: ../../x, module: fake_stage}\n")
     with pytest.raises(QuillError, match="a stage name is a folder name, not a path"):
         load_recipe(slow_recipe)
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_remote_code import save_checkpoint
+from tiny_model import save_checkpoint
 from tiny_outputs import run_quill, stage_env
 
 pytest.importorskip("lm_eval", reason="the lm-eval extra (pip install quill[lm-eval]) is not installed")

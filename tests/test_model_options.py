@@ -8,12 +8,11 @@ import pytest
 import torch
 import trl
 from peft import get_peft_model
-from test_remote_code import tiny_tokenizer
+from tiny_model import save_checkpoint
 
 from quill.arguments import DataArguments, ModelArguments, RunArguments
 from quill.errors import QuillError
 from quill.loading import CAUSAL_LM, CLASSIFIER, load_model, peft_config
-from quill.model import QuillConfig, QuillForCausalLM
 from quill.options import build_stage_args
 
 SFT_TYPES = (DataArguments, ModelArguments, trl.SFTConfig, RunArguments)
@@ -32,19 +31,7 @@ def error(*overrides: str) -> str:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = QuillConfig(
-        depth=2,
-        hidden_size=64,
-        num_attention_heads=2,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    QuillForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    _, tokenizer = save_checkpoint(path)
     return path, tokenizer
 
 

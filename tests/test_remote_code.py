@@ -6,10 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-import torch
-
-from quill.data.tokenizer import train_tokenizer
-from quill.model import QuillConfig, QuillForCausalLM
+from tiny_model import save_checkpoint
 
 # Runs first in the child: any import of the project's packages fails, as on a machine without Quill installed.
 BLOCK_PROJECT = textwrap.dedent("""
@@ -20,30 +17,6 @@ BLOCK_PROJECT = textwrap.dedent("""
                 raise ImportError(f"{name} is blocked: the project is not importable here")
     sys.meta_path.insert(0, Block())
 """)
-
-
-def tiny_tokenizer():
-    # Quill's own tokenizer (special tokens, chat template), trained on a few sentences in milliseconds.
-    text = ["the quick brown fox jumps over the lazy dog", "what is two plus two? four."] * 20
-    return train_tokenizer(text, vocab_size=300, min_frequency=1)
-
-
-def save_checkpoint(path):
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = QuillConfig(
-        depth=2,
-        hidden_size=64,
-        num_attention_heads=2,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = QuillForCausalLM(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model, tokenizer
 
 
 def run_isolated(code: str, tmp_path) -> dict:

@@ -14,6 +14,21 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = "model_config={depth: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64}"
 
 
+# The small-run options the stage tests share (a later `key=value` in argv overrides an earlier one).
+_RUN = ["save_steps=2", "logging_steps=1", "warmup_steps=0", "use_cpu=true", "dataloader_num_workers=0", "seed=0"]
+PRETRAIN_OPTIONS = ["eval_size=10", "max_length=64", "per_device_train_batch_size=4", "max_steps=6", *_RUN]
+SFT_OPTIONS = [
+    "eval_size=10",
+    "max_length=128",
+    "task_eval_limit=4",
+    "per_device_train_batch_size=4",
+    "per_device_eval_batch_size=4",
+    "max_steps=6",
+    *_RUN,
+    "bf16=false",
+]
+
+
 def stage_env(base: Path) -> dict:
     env = dict(
         os.environ,
@@ -39,16 +54,7 @@ def pretrain_argv(out: Path, tok: Path, *extra: str) -> list[str]:
         f"tokenizer_name_or_path={tok}",
         TINY_MODEL,
         "dataset_mixture=[{path: quill:default/pretrain_train, max_samples: 200}]",
-        "eval_size=10",
-        "max_length=64",
-        "per_device_train_batch_size=4",
-        "max_steps=6",
-        "save_steps=2",
-        "logging_steps=1",
-        "warmup_steps=0",
-        "use_cpu=true",
-        "dataloader_num_workers=0",
-        "seed=0",
+        *PRETRAIN_OPTIONS,
         *extra,
     ]
 
@@ -60,19 +66,7 @@ def sft_argv(out: Path, model: Path, *extra: str) -> list[str]:
         f"output_dir={out}",
         f"model_name_or_path={model}",
         "dataset_mixture=[{path: quill:default/sft_train, max_samples: 100}]",
-        "eval_size=10",
-        "max_length=128",
-        "task_eval_limit=4",
-        "per_device_train_batch_size=4",
-        "per_device_eval_batch_size=4",
-        "max_steps=6",
-        "save_steps=2",
-        "logging_steps=1",
-        "warmup_steps=0",
-        "use_cpu=true",
-        "dataloader_num_workers=0",
-        "seed=0",
-        "bf16=false",
+        *SFT_OPTIONS,
         *extra,
     ]
 
