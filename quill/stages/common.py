@@ -141,15 +141,26 @@ def load_stage_data(data_args, schema: str):
     return load_mixture(sources, seed=data_args.dataset_seed, eval_size=data_args.eval_size, stage=schema)
 
 
-def load_policy_prompts(data_args, stage: str):
-    """The prompt rows ({prompt, task, answer, metadata}, the rl schema) that on-policy pairs are built from."""
+def preference_data(stage: str, data_args, args, policy, tokenizer, trust_remote_code: bool):
+    """(train set, held-out pairs, pair metrics) for a DPO or reward stage: the dataset's chosen/rejected pairs, or
+    with `pairs_from: policy` pairs built now from `policy`'s own answers to the dataset's prompts."""
+    from datasets import Dataset
+
+    from quill.data.pairs import policy_pairs
+
+    if args.pairs_from != "policy":
+        splits = load_stage_data(data_args, stage)
+        return splits["train"], list(splits["eval"]), {}
     try:
-        return load_stage_data(data_args, "rl")
+        splits = load_stage_data(data_args, "rl")  # prompt rows {prompt, task, answer, metadata}
     except QuillError as e:
         raise QuillError(
             f"{stage} with pairs_from: policy builds pairs from prompts, and {e.problem}",
             "give prompt rows (as quill:default/rl_train has), or set pairs_from: dataset for chosen/rejected pairs",
         ) from None
+    train_pairs, eval_pairs, stats = policy_pairs(stage, policy, tokenizer, splits, args, trust_remote_code)
+    log(f"{stage}: {stats.describe()}")
+    return Dataset.from_list(train_pairs), eval_pairs, stats.as_metrics()
 
 
 def load_stage_stream(data_args, schema: str):

@@ -24,7 +24,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer
 
 from quill.arguments import DataArguments, ModelArguments, RunArguments
-from quill.data.pairs import PolicyPairArguments, policy_pairs
+from quill.data.pairs import PolicyPairArguments
 from quill.errors import QuillError, run_guarded
 from quill.heldout import CORRECT, EvalArguments, compare_to_start, describe, paired_metrics
 from quill.loading import load_model
@@ -34,10 +34,9 @@ from quill.output import CHECKPOINTS, read_json, write_json
 from quill.stages.common import (
     StopOnNonFiniteLoss,
     is_main_process,
-    load_policy_prompts,
-    load_stage_data,
     load_task_eval,
     log,
+    preference_data,
     report_overlong,
     run_stage,
     start_stage,
@@ -101,17 +100,9 @@ def train(
     if stage.skipped:
         return stage.metrics
     task_rows = load_task_eval(data_args)
-    pair_metrics = {}
-    if args.pairs_from == "policy":
-        splits = load_policy_prompts(data_args, "dpo")
-        train_pairs, eval_pairs, stats = policy_pairs(
-            "dpo", stage.model, stage.tokenizer, splits, args, model_args.trust_remote_code
-        )
-        log(f"dpo: {stats.describe()}")
-        train_set, pair_metrics = Dataset.from_list(train_pairs), stats.as_metrics()
-    else:
-        splits = load_stage_data(data_args, "dpo")
-        train_set, eval_pairs = splits["train"], list(splits["eval"])
+    train_set, eval_pairs, pair_metrics = preference_data(
+        "dpo", data_args, args, stage.model, stage.tokenizer, model_args.trust_remote_code
+    )
     report_overlong("dpo", train_set, stage.tokenizer, args.max_length)
     if args.control and not task_rows:
         raise QuillError("dpo: control: true needs held-out prompts to compare on", "set task_eval")

@@ -24,22 +24,14 @@ from transformers import AutoModelForCausalLM
 from trl import RewardConfig, RewardTrainer
 
 from quill.arguments import DataArguments, ModelArguments, RunArguments
-from quill.data.pairs import PolicyPairArguments, policy_pairs
+from quill.data.pairs import PolicyPairArguments
 from quill.errors import run_guarded
 from quill.heldout import evaluate_policy
 from quill.loading import CLASSIFIER
 from quill.metrics import reward_preference_accuracy
 from quill.options import parse_stage_args
 from quill.rewards import reward_model_agreement
-from quill.stages.common import (
-    load_policy_prompts,
-    load_stage_data,
-    load_task_eval,
-    log,
-    report_overlong,
-    run_stage,
-    start_stage,
-)
+from quill.stages.common import load_task_eval, preference_data, report_overlong, run_stage, start_stage
 
 
 @dataclass
@@ -84,7 +76,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: QuillRewar
     stage.model.config.problem_type = "regression"
     stage.model.config.id2label, stage.model.config.label2id = {0: "reward"}, {"reward": 0}
     task_rows = load_task_eval(data_args)[: args.agreement_prompts] if args.agreement_samples else []
-    pair_metrics, on_policy = {}, None
+    policy, on_policy = None, None
     if args.pairs_from == "policy" or task_rows:
         # The same checkpoint as a causal LM: the policy whose answers the reward model will rank.
         policy = AutoModelForCausalLM.from_pretrained(
@@ -92,16 +84,9 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: QuillRewar
         ).eval()
         if task_rows:
             on_policy = policy_samples(policy, stage.tokenizer, task_rows, args)
-    if args.pairs_from == "policy":
-        splits = load_policy_prompts(data_args, "reward")
-        train_pairs, pairs, stats = policy_pairs(
-            "reward", policy, stage.tokenizer, splits, args, model_args.trust_remote_code
-        )
-        log(f"reward: {stats.describe()}")
-        train_set, pair_metrics = Dataset.from_list(train_pairs), stats.as_metrics()
-    else:
-        splits = load_stage_data(data_args, "reward")
-        train_set, pairs = splits["train"], list(splits["eval"])
+    train_set, pairs, pair_metrics = preference_data(
+        "reward", data_args, args, policy, stage.tokenizer, model_args.trust_remote_code
+    )
     policy = None  # not needed for training
     report_overlong("reward", train_set, stage.tokenizer, args.max_length)
     trainer = RewardTrainer(
