@@ -173,7 +173,11 @@ def case_chosen_equals_rejected(c):
 
 def case_policy_pairs_from_chosen_rejected_data(c):
     f = _jsonl(c.tmp / "d.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
-    return [*_tune_on(c, "dpo", f), "control=false"], ["pairs_from: policy", "task and answer columns", "pairs_from: dataset"]
+    return [*_tune_on(c, "dpo", f), "control=false"], [
+        "pairs_from: policy",
+        "task and answer columns",
+        "pairs_from: dataset",
+    ]
 
 
 def case_vocab_mismatch(c):

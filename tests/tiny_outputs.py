@@ -131,12 +131,7 @@ def preference_argv(stage: str, out: Path, model: Path, *extra: str) -> list[str
         "per_device_train_batch_size=4",
         "per_device_eval_batch_size=8",
         "max_steps=6",
-        "save_steps=2",
-        "logging_steps=1",
-        "warmup_steps=0",
-        "use_cpu=true",
-        "dataloader_num_workers=0",
-        "seed=0",
+        *_RUN,
         "pairs_from=dataset",  # the fixed pairs: the recipe's on-policy pairs need prompts with answers
         *(["task_eval_limit=4", "control=false"] if stage == "dpo" else ["agreement_samples=0"]),
         *extra,
@@ -161,12 +156,7 @@ def rl_argv(out: Path, model: Path, reward_model: Path, *extra: str) -> list[str
         "per_device_train_batch_size=4",
         "max_completion_length=8",
         "max_steps=6",
-        "save_steps=2",
-        "logging_steps=1",
-        "warmup_steps=0",
-        "use_cpu=true",
-        "dataloader_num_workers=0",
-        "seed=0",
+        *_RUN,
         *extra,
     ]
 
