@@ -142,7 +142,7 @@ print(json.dumps({{"version": transformers.__version__, "tokens": out.sequences[
 
 
 def generate_in(python: Path, path: Path, home: Path) -> dict:
-    from tiny_model import BLOCK_PROJECT
+    from test_remote_code import BLOCK_PROJECT
 
     done = subprocess.run(
         [str(python), "-c", BLOCK_PROJECT + textwrap.dedent(GENERATE.format(path=str(path)))],
