@@ -58,14 +58,16 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def kill_after_checkpoint(cmd: list[str], env: dict, out: Path, step: int = 2, timeout: float = 600) -> None:
-    """Start the stage and SIGKILL it as soon as checkpoint-`step` is complete (its trainer_state.json exists)."""
+    """Start the stage and SIGKILL it as soon as checkpoint-`step` is complete. The Trainer writes trainer_state.json
+    last but not atomically: killing when the file merely exists can cut it short, and the stage then rightly
+    starts over instead of resuming (this raced once in CI)."""
     log = out.parent / f"{out.name}.killed.log"
     with open(log, "wb") as f:  # a file, not a pipe nobody reads while the stage runs
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=f)
-    state = out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
+    ckpt = out / "checkpoints" / f"checkpoint-{step}"
     deadline = time.time() + timeout
     try:
-        while not state.exists():
+        while not is_complete_checkpoint(ckpt):
             if proc.poll() is not None:
                 pytest.fail(f"stage exited ({proc.returncode}) before checkpoint-{step}: {log.read_text()[-3000:]}")
             assert time.time() < deadline, "timed out waiting for the checkpoint"
