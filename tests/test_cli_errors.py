@@ -10,20 +10,19 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from tiny_outputs import add_fake_stage
 
 from quill.errors import QuillError, run_guarded
 
 QUILL = shutil.which("quill")
 needs_quill = pytest.mark.skipif(QUILL is None, reason="the quill console script is not installed (pip install -e .)")
 
-FAKE_STAGE = (Path(__file__).parent / "fake_stage.py").read_text()  # seconds, crash, learning_rate
-
 
 @pytest.fixture
 def recipe(tmp_path):
     folder = tmp_path / "rec"
     folder.mkdir()
-    (folder / "fake_stage.py").write_text(FAKE_STAGE)
+    add_fake_stage(folder)
     (folder / "a.yaml").write_text("learning_rate: 1.0e-3\n")
     (folder / "recipe.yaml").write_text(
         textwrap.dedent(

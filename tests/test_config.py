@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import transformers
 import trl
+from tiny_outputs import add_fake_stage
 
 from quill import runner as runner_mod
 from quill.arguments import DataArguments, ModelArguments, RunArguments
@@ -277,8 +278,6 @@ def test_dataset_mixture_errors(mixture, expected):
 # Recipes with fake stages
 # ---------------------------------------------------------------------------------------------------------------
 
-FAKE_STAGE = (Path(__file__).parent / "fake_stage.py").read_text()
-
 FAKE_RL = """
 from dataclasses import dataclass
 from fake_stage import FakeArguments, ModelArguments, RunArguments, parse_stage_args, train
@@ -329,7 +328,7 @@ if __name__ == "__main__":
 
 def make_recipe(root: Path, recipe_yaml: str, configs: dict[str, str] | None = None) -> Path:
     folder = root / "rec"
-    write(folder / "fake_stage.py", FAKE_STAGE)
+    add_fake_stage(folder)
     write(folder / "fake_rl.py", FAKE_RL)
     write(folder / "fake_tokenizer.py", FAKE_TOKENIZER)
     write(folder / "recipe.yaml", recipe_yaml)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_outputs import REPO, TINY_MODEL, pretrain_argv, run_quill, sft_argv, tree_hash
+from tiny_outputs import REPO, TINY_MODEL, add_fake_stage, pretrain_argv, run_quill, sft_argv, tree_hash
 
 from quill.errors import QuillError
 from quill.output import folder_lock
@@ -69,14 +69,11 @@ def test_lock_names_the_holder_and_dies_with_it(tmp_path):
         pass
 
 
-FAKE_STAGE = (Path(__file__).parent / "fake_stage.py").read_text()  # seconds, crash, learning_rate
-
-
 @pytest.fixture
 def slow_recipe(tmp_path):
     folder = tmp_path / "rec"
     folder.mkdir()
-    (folder / "fake_stage.py").write_text(FAKE_STAGE)
+    add_fake_stage(folder)
     (folder / "recipe.yaml").write_text("name: slow\nstages:\n  - {name: a, module: fake_stage}\n")
     return folder
 

@@ -7,9 +7,9 @@ from quill.data.tokenizer import train_tokenizer
 from quill.model import QuillConfig, QuillForCausalLM
 
 
-def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 300):
-    text = corpus or ["the quick brown fox jumps over the lazy dog", "what is two plus two? four."] * 20
-    return train_tokenizer(text, vocab_size=vocab_size, min_frequency=1)
+def tiny_tokenizer():
+    text = ["the quick brown fox jumps over the lazy dog", "what is two plus two? four."] * 20
+    return train_tokenizer(text, vocab_size=300, min_frequency=1)
 
 
 def tiny_config(tokenizer, **overrides) -> QuillConfig:

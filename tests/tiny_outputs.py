@@ -6,6 +6,7 @@ The fault, bad-input and resume tests all need a finished upstream folder to sta
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,9 @@ def build_post(base: Path, tiny: dict) -> dict:
         subprocess.run([sys.executable, "-m", "quill.stages.reward", *preference_argv("reward", reward, sft)],
                        cwd=REPO, env=tiny["env"], check=True, capture_output=True)  # fmt: skip
     return {**tiny, "sft": sft, "reward": reward}
+
+
+def add_fake_stage(folder: Path) -> None:
+    """Copy tests/fake_stage.py (a stage that sleeps, crashes or fails on request) into a recipe folder."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(__file__).parent / "fake_stage.py", Path(folder) / "fake_stage.py")

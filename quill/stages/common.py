@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from safetensors import SafetensorError
 from transformers import TrainerCallback, set_seed
 
 from quill.allocator import keep_freed_memory
 from quill.data import builtin
+from quill.data.pairs import policy_pairs
 from quill.data.schemas import check_schema
 from quill.data.sources import load_mixture, load_stream, stream_eval_count
 from quill.data.tokenizer import stop_token_ids
@@ -144,10 +146,6 @@ def load_stage_data(data_args, schema: str):
 def preference_data(stage: str, data_args, args, policy, tokenizer, trust_remote_code: bool):
     """(train set, held-out pairs, pair metrics) for a DPO or reward stage: the dataset's chosen/rejected pairs, or
     with `pairs_from: policy` pairs built now from `policy`'s own answers to the dataset's prompts."""
-    from datasets import Dataset
-
-    from quill.data.pairs import policy_pairs
-
     if args.pairs_from != "policy":
         splits = load_stage_data(data_args, stage)
         return splits["train"], list(splits["eval"]), {}
