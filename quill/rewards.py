@@ -10,13 +10,16 @@
   a right and a wrong answer (1.0), so in a group whose task reward is constant the reward model's noise cannot
   outweigh what the task reward says in other groups; advantages must not be rescaled per group (which would blow
   that noise up to unit size), so the RL stage requires `scale_rewards` 'batch' or 'none' when it uses one.
+- learnable_prompts: the training prompts the start policy answers right sometimes but not always, sampled once
+  before training. Only their groups carry a task-reward signal; the rest cost a rollout and teach nothing (DAPO's
+  dynamic sampling, done once up front).
 """
 
 import math
 from dataclasses import dataclass
 
-from quill.data.tasks import reward_fn
-from quill.metrics import reward_model_scores
+from quill.data.tasks import reward_fn, score
+from quill.metrics import reward_model_scores, sample_completions
 from quill.stats import GroupAUC, within_group_auc
 
 
@@ -109,3 +112,18 @@ class ScaledRewardModel:
         answers = [c if isinstance(c, str) else "".join(m["content"] for m in c) for c in completions]
         scores = reward_model_scores(self.model, self.tokenizer, prompts, answers, self.batch_size)
         return [self.weight * math.tanh((s - self.mean) / self.std) for s in scores]
+
+
+def learnable_prompts(
+    model, tokenizer, rows: list[dict], samples: int, temperature: float, max_new_tokens: int, seed: int
+):
+    """(indices of `rows` whose `samples` sampled answers are neither all right nor all wrong, their share)."""
+    groups = sample_completions(
+        model, tokenizer, [r["prompt"] for r in rows], samples, temperature, max_new_tokens, batch_size=64, seed=seed
+    )
+    keep = []
+    for i, (row, group) in enumerate(zip(rows, groups, strict=True)):
+        right = sum(score(row["task"], answer, row) >= 1.0 for answer in group)
+        if 0 < right < len(group):
+            keep.append(i)
+    return keep, len(keep) / max(1, len(rows))

@@ -223,3 +223,12 @@ def test_policy_pairs_scored_by_the_task_scorer_need_prompts_with_answers():
     preference = Dataset.from_list([{"prompt": "q", "chosen": "a", "rejected": "b"}])
     with pytest.raises(QuillError, match="needs prompt rows with task and answer columns"):
         policy_pairs("dpo", None, None, {"train": preference, "eval": preference}, PolicyPairArguments())
+
+
+def test_learnable_prompts_are_those_the_policy_answers_right_sometimes(tmp_path):
+    from quill.rewards import learnable_prompts
+
+    model, tok = policy(tmp_path)
+    # Sampled answers (see SAMPLED): 19 is right 1 in 3, 35 is right 2 in 3, "hundred, go" never, the last always.
+    keep, share = learnable_prompts(model, tok, rl_rows(), samples=3, temperature=1.0, max_new_tokens=8, seed=0)
+    assert keep == [0, 1] and share == 0.5

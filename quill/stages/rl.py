@@ -8,7 +8,9 @@ held-out prompts and measures that agreement (within-group AUC of the reward mod
 `reward_model_min_agreement` it says so and trains on the verifiable reward alone. The same samples give sampled
 pass@1 at the rollout temperature, pass@k and the headroom pass@k - greedy, with a warning when it is too small
 for RL to show. GRPO samples `num_generations` completions per prompt and pushes the policy toward the
-better-than-average ones; no value model is needed.
+better-than-average ones; no value model is needed. A group whose answers are all right or all wrong has no
+task-reward signal: with `learnable_prompt_samples: k` the stage first keeps only the training prompts the start
+policy answers right sometimes in k samples (quill.rewards.learnable_prompts).
 """
 
 import math
@@ -21,7 +23,7 @@ from quill.errors import QuillError, run_guarded
 from quill.heldout import SAMPLES, EvalArguments, compare_to_start, describe, headroom_warning
 from quill.loading import check_model_path, load_tokenizer
 from quill.options import parse_stage_args
-from quill.rewards import ScaledRewardModel, TaskReward, reward_model_agreement, use_reward_model
+from quill.rewards import ScaledRewardModel, TaskReward, learnable_prompts, reward_model_agreement, use_reward_model
 from quill.stages.common import load_stage_data, load_task_eval, log, run_stage, start_stage
 
 
@@ -44,6 +46,15 @@ class RLConfig(GRPOConfig):
         metadata={
             "help": "The reward model's term is weight * tanh(standardised score), so its spread within a group stays "
             "below the 1.0 between a right and a wrong answer; must be < 0.5."
+        },
+    )
+
+    learnable_prompt_samples: int = field(
+        default=0,
+        metadata={
+            "help": "Before training, sample this many answers per training prompt from the start policy and train "
+            "only on the prompts it answers right sometimes but not always (the only GRPO groups with a task-reward "
+            "signal). 0 trains on every prompt."
         },
     )
 
@@ -120,11 +131,31 @@ def train(
     if warning:
         log(f"rl: warning: {warning}")
     funcs, reward_info = reward_functions(args, model_args, start, task_rows)
+    train_set = splits["train"]
+    if args.learnable_prompt_samples:
+        keep, share = learnable_prompts(
+            stage.model,
+            stage.tokenizer,
+            list(train_set),
+            args.learnable_prompt_samples,
+            args.temperature,
+            args.max_completion_length,
+            args.seed,
+        )
+        if not keep:
+            raise QuillError(
+                f"rl: the start model answers each of the {len(train_set)} training prompts always or never right "
+                f"in {args.learnable_prompt_samples} samples, so no prompt is left to learn from",
+                "set learnable_prompt_samples: 0, or give prompts of a difficulty the model can sometimes solve",
+            )
+        log(f"rl: {len(keep)} of {len(train_set)} training prompts ({share:.0%}) are answered right sometimes")
+        reward_info["learnable_prompt_share"] = share
+        train_set = train_set.select(keep)
     trainer = GRPOTrainer(
         model=stage.model,
         args=args,
         reward_funcs=funcs,
-        train_dataset=splits["train"],
+        train_dataset=train_set,
         processing_class=stage.tokenizer,
         peft_config=stage.peft_config,
         callbacks=stage.callbacks,
