@@ -112,8 +112,9 @@ def _source_entry(entry: Any, where: str, source_type) -> dict[str, Any]:
 
 
 @dataclass
-class RunArguments:
-    """Options every stage takes, whatever it trains. Keys shared with TrainingArguments are set on both."""
+class OutputArguments:
+    """Where a stage's finished folder goes (output_dir, overwrite) and whether it is pushed to the Hub; every stage
+    takes these. Keys shared with TrainingArguments are set on both."""
 
     output_dir: str | None = field(default=None, metadata={"help": "Where the stage writes its output."})
     overwrite: bool = field(

@@ -289,7 +289,7 @@ def plan_recipe(
         if missing:
             raise QuillError(
                 f"{s.where}: its module {s.module} accepts no {' or '.join(sorted(missing))}",
-                "add quill.arguments.RunArguments (output_dir, overwrite) to its ARG_TYPES",
+                "add quill.arguments.OutputArguments (output_dir, overwrite) to its ARG_TYPES",
             )
     if smoke:
         overrides = [o for s in selected for o in smoke_overrides(s, accepted[s.name])] + list(overrides)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from quill.arguments import ModelArguments, RunArguments
+from quill.arguments import ModelArguments, OutputArguments
 from quill.errors import run_guarded
 from quill.options import parse_stage_args
 from quill.output import mark_done as mark_stage_done
@@ -20,20 +20,20 @@ class FakeArguments:
     crash: bool = False
 
 
-ARG_TYPES = (FakeArguments, ModelArguments, RunArguments)
+ARG_TYPES = (FakeArguments, ModelArguments, OutputArguments)
 
 
-def train(fake, model, run, *rest):
+def train(fake, model, output, *rest):
     time.sleep(fake.seconds)
     if fake.crash:
         raise RuntimeError("boom")
-    out = Path(run.output_dir)
+    out = Path(output.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seen = {
         "learning_rate": fake.learning_rate,
         "model": model.model_name_or_path,
         "tokenizer": model.tokenizer_name_or_path,
-        "overwrite": run.overwrite,
+        "overwrite": output.overwrite,
     }
     if rest:
         seen["reward_model"] = rest[0].reward_model_path

@@ -17,7 +17,7 @@ import trl
 from tiny_outputs import add_fake_stage
 
 from quill import runner as runner_mod
-from quill.arguments import DataArguments, ModelArguments, RunArguments
+from quill.arguments import DataArguments, ModelArguments, OutputArguments
 from quill.errors import QuillError
 from quill.options import build_stage_args, option_names, parse_stage_args
 from quill.output import check_finished
@@ -35,7 +35,7 @@ def is_stage_done(folder):
 
 
 REPO = Path(__file__).resolve().parent.parent
-SFT_TYPES = (DataArguments, ModelArguments, trl.SFTConfig, RunArguments)
+SFT_TYPES = (DataArguments, ModelArguments, trl.SFTConfig, OutputArguments)
 
 
 def write(path: Path, text: str) -> Path:
@@ -74,7 +74,7 @@ def test_yaml_and_overrides_fill_sft_config(tmp_path, monkeypatch):
         env: {QUILL_TEST_VAR: hello}
         """,
     )
-    data, model, sft, run = parse_stage_args(
+    data, model, sft, output = parse_stage_args(
         SFT_TYPES,
         [
             "--config",
@@ -98,7 +98,7 @@ def test_yaml_and_overrides_fill_sft_config(tmp_path, monkeypatch):
     assert data.dataset_mixture == [{"path": "org/chat"}, {"path": "data/extra.jsonl", "weight": 2}]
     assert data.names() == ["org/chat", "data/extra.jsonl"]
     # a key that two dataclasses share is set on both
-    assert sft.output_dir == run.output_dir == "/tmp/quill-x"
+    assert sft.output_dir == output.output_dir == "/tmp/quill-x"
     import os
 
     assert os.environ["QUILL_TEST_VAR"] == "hello"
@@ -141,7 +141,7 @@ def test_option_names_cover_every_dataclass():
 
 def test_help_lists_options(capsys):
     with pytest.raises(SystemExit) as info:
-        parse_stage_args((DataArguments, ModelArguments, RunArguments), ["--help"])
+        parse_stage_args((DataArguments, ModelArguments, OutputArguments), ["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "dataset_mixture" in out and "merge_lora_on_save" in out and "--config FILE" in out
@@ -280,7 +280,7 @@ def test_dataset_mixture_errors(mixture, expected):
 
 FAKE_RL = """
 from dataclasses import dataclass
-from fake_stage import FakeArguments, ModelArguments, RunArguments, parse_stage_args, train
+from fake_stage import FakeArguments, ModelArguments, OutputArguments, parse_stage_args, train
 from fake_stage import run_guarded
 
 
@@ -288,7 +288,7 @@ from fake_stage import run_guarded
 class RewardModelArguments:  # an RL stage's reward model, as quill.stages.rl's RLConfig has it
     reward_model_path: str | None = None
 
-ARG_TYPES = (FakeArguments, ModelArguments, RunArguments, RewardModelArguments)
+ARG_TYPES = (FakeArguments, ModelArguments, OutputArguments, RewardModelArguments)
 
 
 def main(argv=None):
@@ -301,7 +301,7 @@ if __name__ == "__main__":
 
 FAKE_TOKENIZER = """
 from dataclasses import dataclass
-from fake_stage import RunArguments, mark_stage_done, parse_stage_args, run_guarded
+from fake_stage import OutputArguments, mark_stage_done, parse_stage_args, run_guarded
 
 
 @dataclass
@@ -309,7 +309,7 @@ class TokenizerArguments:
     vocab_size: int = 512
 
 
-ARG_TYPES = (TokenizerArguments, RunArguments)
+ARG_TYPES = (TokenizerArguments, OutputArguments)
 
 
 def train(tok, run):

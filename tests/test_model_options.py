@@ -10,12 +10,12 @@ import trl
 from peft import get_peft_model
 from tiny_model import save_checkpoint
 
-from quill.arguments import DataArguments, ModelArguments, RunArguments
+from quill.arguments import DataArguments, ModelArguments, OutputArguments
 from quill.errors import QuillError
 from quill.loading import CAUSAL_LM, CLASSIFIER, load_model, peft_config
 from quill.options import build_stage_args
 
-SFT_TYPES = (DataArguments, ModelArguments, trl.SFTConfig, RunArguments)
+SFT_TYPES = (DataArguments, ModelArguments, trl.SFTConfig, OutputArguments)
 
 
 def model_args(*overrides: str) -> ModelArguments:

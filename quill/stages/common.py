@@ -2,7 +2,7 @@
 
 A stage file builds its datasets and its (TRL or HF) trainer; everything before and after is here:
 
-    stage = start_stage("sft", data_args, model_args, args, run)   # lock, skip check, tokenizer, model, LoRA
+    stage = start_stage("sft", data_args, model_args, args, output)   # lock, skip check, tokenizer, model, LoRA
     trainer = SFTTrainer(model=stage.model, args=args, ..., callbacks=stage.callbacks, peft_config=stage.peft_config)
     return run_stage(stage, trainer, evaluate, datasets=...)  # resume, train, eval, finished folder, marker, push
 """
@@ -71,7 +71,7 @@ class Stage:
     output_dir: Path
     model_args: object
     args: object  # the stage's TrainingArguments (or TRL config)
-    run: object  # RunArguments
+    output: object  # OutputArguments
     fingerprint: dict
     tokenizer: object = None
     model: object = None
@@ -83,26 +83,26 @@ class Stage:
     held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the folder lock, for the process
 
 
-def open_stage(name: str, parsed: tuple, run) -> tuple[Path, dict, contextlib.ExitStack, dict | None]:
+def open_stage(name: str, parsed: tuple, output) -> tuple[Path, dict, contextlib.ExitStack, dict | None]:
     """Lock the output folder, finish an interrupted swap, and look for a finished run with the same settings.
     Returns (folder, fingerprint, the lock's ExitStack, the finished marker or None)."""
     fp = fingerprint(parsed)  # before anything below changes the arguments
-    out = Path(run.output_dir or f"outputs/{name}")
+    out = Path(output.output_dir or f"outputs/{name}")
     held = contextlib.ExitStack()
     if is_main_process():
         prepare_run_dir(out.parent)
         held.enter_context(folder_lock(out))
         recover(out)  # before anything creates `out`: a swap cut short must be completed, not overwritten
         prepare_run_dir(out)
-    finished = None if run.overwrite else check_finished(out, fp, name)
+    finished = None if output.overwrite else check_finished(out, fp, name)
     if finished:
         log(f"{name}: already finished in {out} with the same settings; skipping (overwrite=true redoes it)")
     return out, fp, held, finished
 
 
-def start_stage(name, data_args, model_args, args, run, task: str = CAUSAL_LM) -> Stage:
-    out, fp, held, finished = open_stage(name, (data_args, model_args, args, run), run)
-    stage = Stage(name=name, output_dir=out, model_args=model_args, args=args, run=run, fingerprint=fp, held=held)
+def start_stage(name, data_args, model_args, args, output, task: str = CAUSAL_LM) -> Stage:
+    out, fp, held, finished = open_stage(name, (data_args, model_args, args, output), output)
+    stage = Stage(name=name, output_dir=out, model_args=model_args, args=args, output=output, fingerprint=fp, held=held)
     if finished:
         stage.skipped, stage.metrics = True, read_json(out / "metrics.json")
         return stage
@@ -266,7 +266,7 @@ def run_stage(stage: Stage, trainer, evaluate, datasets: list[str], compare=None
     with `_` (per-example results kept for `compare`) are not saved."""
     out, main = stage.output_dir, trainer.accelerator.is_main_process
     with stage.held:
-        if stage.run.overwrite and main:
+        if stage.output.overwrite and main:
             clear_for_overwrite(out)  # only now: every input has been loaded and checked
         resume = resume_point(out, stage.fingerprint, stage.name, clean=main)
         if main and not resume:
@@ -290,13 +290,13 @@ def run_stage(stage: Stage, trainer, evaluate, datasets: list[str], compare=None
         metrics = {k: v for k, v in metrics.items() if not k.startswith("_")} | run_summary(stage, trainer, result)
         finish_stage(stage, trainer, metrics, datasets)
     log(f"{stage.name}: done in {time.time() - stage.started:.0f}s -> {out} " + format_metrics(metrics))
-    if stage.run.push_to_hub and main:
-        push_stage(stage.output_dir, stage.run, stage.name)
+    if stage.output.push_to_hub and main:
+        push_stage(stage.output_dir, stage.output, stage.name)
     return metrics
 
 
-def push_stage(folder: Path, run, name: str) -> None:
-    url = push_folder(folder, run.hub_model_id or folder.name, run.hub_private_repo, run.hub_revision)
+def push_stage(folder: Path, output, name: str) -> None:
+    url = push_folder(folder, output.hub_model_id or folder.name, output.hub_private_repo, output.hub_revision)
     log(f"{name}: pushed to {url}")
 
 
@@ -333,7 +333,7 @@ def finish_stage(stage: Stage, trainer, metrics: dict, datasets: list[str]) -> N
             base_model=stage.model_args.model_name_or_path,
             datasets=datasets,
             metrics=metrics,
-            hub_model_id=stage.run.hub_model_id,
+            hub_model_id=stage.output.hub_model_id,
             classifier=not hasattr(base, "generation_config") or base.generation_config is None,
         )
         (folder / "README.md").write_text(card, encoding="utf-8")

@@ -23,7 +23,7 @@ from datasets import Dataset
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer
 
-from quill.arguments import DataArguments, ModelArguments, RunArguments
+from quill.arguments import DataArguments, ModelArguments, OutputArguments
 from quill.data.pairs import PolicyPairArguments
 from quill.errors import QuillError, run_guarded
 from quill.heldout import CORRECT, EvalArguments, compare_to_start, describe, paired_metrics
@@ -58,7 +58,7 @@ class QuillDPOConfig(DPOConfig, PolicyPairArguments):
         self.check_pairs()
 
 
-ARG_TYPES = (DataArguments, ModelArguments, QuillDPOConfig, RunArguments, EvalArguments)
+ARG_TYPES = (DataArguments, ModelArguments, QuillDPOConfig, OutputArguments, EvalArguments)
 
 
 def train_control(stage, args, train_set, task_rows, eval_args) -> dict:
@@ -66,7 +66,7 @@ def train_control(stage, args, train_set, task_rows, eval_args) -> dict:
     same batches for the same steps; its held-out metrics, cached so a resumed stage does not train it again."""
     cache = stage.output_dir / CHECKPOINTS / "control_metrics.json"
     cached = read_json(cache)
-    if not stage.run.overwrite and cached.pop("fingerprint", None) == stage.fingerprint and cached.get(CORRECT):
+    if not stage.output.overwrite and cached.pop("fingerprint", None) == stage.fingerprint and cached.get(CORRECT):
         return cached
     control_args = copy.deepcopy(args)
     control_args.loss_type, control_args.loss_weights = ["sft"], None
@@ -93,10 +93,10 @@ def train(
     data_args: DataArguments,
     model_args: ModelArguments,
     args: QuillDPOConfig,
-    run: RunArguments,
+    output: OutputArguments,
     eval_args: EvalArguments,
 ) -> dict:
-    stage = start_stage("dpo", data_args, model_args, args, run)
+    stage = start_stage("dpo", data_args, model_args, args, output)
     if stage.skipped:
         return stage.metrics
     task_rows = load_task_eval(data_args)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import datasets
 from transformers import Trainer, TrainingArguments
 
-from quill.arguments import DataArguments, ModelArguments, RunArguments
+from quill.arguments import DataArguments, ModelArguments, OutputArguments
 from quill.data.packing import collate_packed, pack_dataset, pack_documents, tokenize_batch
 from quill.data.streaming import PackedStream, StreamPosition
 from quill.errors import QuillError, run_guarded
@@ -40,7 +40,7 @@ class PretrainConfig(TrainingArguments):
     )
 
 
-ARG_TYPES = (DataArguments, ModelArguments, PretrainConfig, RunArguments)
+ARG_TYPES = (DataArguments, ModelArguments, PretrainConfig, OutputArguments)
 
 
 def document_ids(texts: list[str], tokenizer) -> list[list[int]]:
@@ -80,8 +80,8 @@ def streamed_rows(data_args: DataArguments, args: PretrainConfig, tokenizer):
     return eval_rows, stream, StreamPosition(stream, rows_per_step)
 
 
-def train(data_args: DataArguments, model_args: ModelArguments, args: PretrainConfig, run: RunArguments) -> dict:
-    stage = start_stage("pretrain", data_args, model_args, args, run)
+def train(data_args: DataArguments, model_args: ModelArguments, args: PretrainConfig, output: OutputArguments) -> dict:
+    stage = start_stage("pretrain", data_args, model_args, args, output)
     if stage.skipped:
         return stage.metrics
     if args.streaming:

@@ -23,7 +23,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl import RewardConfig, RewardTrainer
 
-from quill.arguments import DataArguments, ModelArguments, RunArguments
+from quill.arguments import DataArguments, ModelArguments, OutputArguments
 from quill.data.pairs import PolicyPairArguments
 from quill.errors import run_guarded
 from quill.heldout import evaluate_policy
@@ -51,7 +51,7 @@ class QuillRewardConfig(RewardConfig, PolicyPairArguments):
             raise ValueError("agreement_samples must be 0 or >= 2, and agreement_prompts >= 1")
 
 
-ARG_TYPES = (DataArguments, ModelArguments, QuillRewardConfig, RunArguments)
+ARG_TYPES = (DataArguments, ModelArguments, QuillRewardConfig, OutputArguments)
 
 
 def policy_samples(policy, tokenizer, rows: list[dict], args: QuillRewardConfig) -> dict:
@@ -68,8 +68,10 @@ def policy_samples(policy, tokenizer, rows: list[dict], args: QuillRewardConfig)
     return {"rows": rows, "samples": result["_samples"], "correct": result["_sample_correct"]}
 
 
-def train(data_args: DataArguments, model_args: ModelArguments, args: QuillRewardConfig, run: RunArguments) -> dict:
-    stage = start_stage("reward", data_args, model_args, args, run, task=CLASSIFIER)
+def train(
+    data_args: DataArguments, model_args: ModelArguments, args: QuillRewardConfig, output: OutputArguments
+) -> dict:
+    stage = start_stage("reward", data_args, model_args, args, output, task=CLASSIFIER)
     if stage.skipped:
         return stage.metrics
     # Saved with the model: pipeline("text-classification") returns {"label": "reward", "score": raw reward}.

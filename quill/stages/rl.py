@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig, GRPOTrainer
 
-from quill.arguments import DataArguments, ModelArguments, RunArguments
+from quill.arguments import DataArguments, ModelArguments, OutputArguments
 from quill.errors import QuillError, run_guarded
 from quill.heldout import SAMPLES, EvalArguments, compare_to_start, describe, headroom_warning
 from quill.loading import check_model_path, load_tokenizer
@@ -83,7 +83,7 @@ class RLConfig(GRPOConfig):
             raise QuillError("rl: no reward given", fix="set reward_model_path and/or verifiable_reward: true")
 
 
-ARG_TYPES = (DataArguments, ModelArguments, RLConfig, RunArguments, EvalArguments)
+ARG_TYPES = (DataArguments, ModelArguments, RLConfig, OutputArguments, EvalArguments)
 
 
 def reward_functions(args: RLConfig, model_args, start: dict, task_rows: list[dict]) -> tuple[list, dict]:
@@ -115,9 +115,13 @@ def reward_functions(args: RLConfig, model_args, start: dict, task_rows: list[di
 
 
 def train(
-    data_args: DataArguments, model_args: ModelArguments, args: RLConfig, run: RunArguments, eval_args: EvalArguments
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    args: RLConfig,
+    output: OutputArguments,
+    eval_args: EvalArguments,
 ) -> dict:
-    stage = start_stage("rl", data_args, model_args, args, run)
+    stage = start_stage("rl", data_args, model_args, args, output)
     if stage.skipped:
         return stage.metrics
     splits = load_stage_data(data_args, "rl")

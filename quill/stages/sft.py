@@ -9,20 +9,24 @@ conversation's attention to itself (stock sdpa would need an LxL mask, or leak i
 
 from trl import SFTConfig, SFTTrainer
 
-from quill.arguments import DataArguments, ModelArguments, RunArguments
+from quill.arguments import DataArguments, ModelArguments, OutputArguments
 from quill.errors import run_guarded
 from quill.heldout import EvalArguments, compare_to_start
 from quill.options import parse_stage_args
 from quill.stages.common import load_stage_data, load_task_eval, report_overlong, run_stage, start_stage
 from quill.stages.distributed import eval_loss
 
-ARG_TYPES = (DataArguments, ModelArguments, SFTConfig, RunArguments, EvalArguments)
+ARG_TYPES = (DataArguments, ModelArguments, SFTConfig, OutputArguments, EvalArguments)
 
 
 def train(
-    data_args: DataArguments, model_args: ModelArguments, args: SFTConfig, run: RunArguments, eval_args: EvalArguments
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    args: SFTConfig,
+    output: OutputArguments,
+    eval_args: EvalArguments,
 ) -> dict:
-    stage = start_stage("sft", data_args, model_args, args, run)
+    stage = start_stage("sft", data_args, model_args, args, output)
     if stage.skipped:
         return stage.metrics
     splits = load_stage_data(data_args, "sft")

@@ -9,7 +9,7 @@ model and its tokenizer always agree. metrics.json records compression (UTF-8 by
 import itertools
 from dataclasses import dataclass, field
 
-from quill.arguments import DataArguments, RunArguments
+from quill.arguments import DataArguments, OutputArguments
 from quill.data.tokenizer import CHAT_TEMPLATE, bytes_per_token, train_tokenizer
 from quill.errors import run_guarded
 from quill.loading import load_tokenizer
@@ -35,11 +35,11 @@ class TokenizerConfig:
     )
 
 
-ARG_TYPES = (DataArguments, TokenizerConfig, RunArguments)
+ARG_TYPES = (DataArguments, TokenizerConfig, OutputArguments)
 
 
-def train(data_args: DataArguments, args: TokenizerConfig, run: RunArguments) -> dict:
-    out, fingerprint, held, finished = open_stage("tokenizer", (data_args, args, run), run)
+def train(data_args: DataArguments, args: TokenizerConfig, output: OutputArguments) -> dict:
+    out, fingerprint, held, finished = open_stage("tokenizer", (data_args, args, output), output)
     if finished:
         return read_json(out / "metrics.json")
     with held:
@@ -58,7 +58,7 @@ def train(data_args: DataArguments, args: TokenizerConfig, run: RunArguments) ->
             log(f"tokenizer: training a {args.vocab_size}-token BPE on {len(texts)} documents")
             tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
         metrics = {"vocab_size": len(tokenizer), "bytes_per_token": bytes_per_token(tokenizer, held_out)}
-        if run.overwrite:
+        if output.overwrite:
             clear_for_overwrite(out)
 
         def write_files(folder):
@@ -68,8 +68,8 @@ def train(data_args: DataArguments, args: TokenizerConfig, run: RunArguments) ->
         if is_main_process():
             finish_folder(out, write_files, {"stage": "tokenizer", "fingerprint": fingerprint}, weights=False)
     log(f"tokenizer: {metrics['vocab_size']} tokens, {metrics['bytes_per_token']:.2f} bytes/token -> {out}")
-    if run.push_to_hub:
-        push_stage(out, run, "tokenizer")
+    if output.push_to_hub:
+        push_stage(out, output, "tokenizer")
     return metrics
 
 
