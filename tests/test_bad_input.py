@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tiny_outputs import PRETRAIN_OPTIONS, SFT_OPTIONS, TINY_MODEL, run_quill, tree_hash
+from tiny_outputs import PRETRAIN_OPTIONS, SFT_OPTIONS, TINY_MODEL, rl_argv, run_quill, tree_hash
 
 PRETRAIN_SMALL = [*PRETRAIN_OPTIONS, "eval_size=0", "max_steps=2"]
 SFT_SMALL = [*SFT_OPTIONS, "eval_size=0", "max_steps=2"]
@@ -178,6 +178,13 @@ def case_policy_pairs_from_chosen_rejected_data(c):
         "task and answer columns",
         "pairs_from: dataset",
     ]
+
+
+def case_rl_with_no_learnable_prompt(c):
+    # The pretrained (not instruction-tuned) model answers no task prompt right, in any sample.
+    extra = ["reward_model_path=null", "verifiable_reward=true", "learnable_prompt_samples=2"]
+    needles = ["no prompt is left to learn from", "learnable_prompt_samples"]
+    return ["rl", *rl_argv(c.out, c.pre, c.pre, *extra)], needles
 
 
 def case_vocab_mismatch(c):

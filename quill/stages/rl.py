@@ -114,6 +114,26 @@ def reward_functions(args: RLConfig, model_args, start: dict, task_rows: list[di
     return funcs, info
 
 
+def learnable_train_set(stage, args: RLConfig, train_set) -> tuple:
+    """(the training prompts GRPO gets, metrics): with learnable_prompt_samples, only the prompts the start policy
+    answers right sometimes but not always (checked before the held-out eval, so a recipe that leaves none fails
+    at once)."""
+    if not args.learnable_prompt_samples:
+        return train_set, {}
+    k = args.learnable_prompt_samples
+    keep, share = learnable_prompts(
+        stage.model, stage.tokenizer, list(train_set), k, args.temperature, args.max_completion_length, args.seed
+    )
+    if not keep:
+        raise QuillError(
+            f"rl: the start model answers each of the {len(train_set)} training prompts always or never right in {k} "
+            "samples, so no prompt is left to learn from",
+            "set learnable_prompt_samples: 0, or give prompts of a difficulty the model can sometimes solve",
+        )
+    log(f"rl: {len(keep)} of {len(train_set)} training prompts ({share:.0%}) are answered right sometimes")
+    return train_set.select(keep), {"learnable_prompt_share": share}
+
+
 def train(
     data_args: DataArguments,
     model_args: ModelArguments,
@@ -126,6 +146,7 @@ def train(
         return stage.metrics
     splits = load_stage_data(data_args, "rl")
     task_rows = load_task_eval(data_args) or list(splits["eval"])
+    train_set, learnable = learnable_train_set(stage, args, splits["train"])
     if not eval_args.eval_samples:
         eval_args.eval_samples = args.num_generations  # headroom and agreement need samples
     # The start policy on held-out prompts, sampled at the rollout temperature; taken before the trainer exists
@@ -135,26 +156,6 @@ def train(
     if warning:
         log(f"rl: warning: {warning}")
     funcs, reward_info = reward_functions(args, model_args, start, task_rows)
-    train_set = splits["train"]
-    if args.learnable_prompt_samples:
-        keep, share = learnable_prompts(
-            stage.model,
-            stage.tokenizer,
-            list(train_set),
-            args.learnable_prompt_samples,
-            args.temperature,
-            args.max_completion_length,
-            args.seed,
-        )
-        if not keep:
-            raise QuillError(
-                f"rl: the start model answers each of the {len(train_set)} training prompts always or never right "
-                f"in {args.learnable_prompt_samples} samples, so no prompt is left to learn from",
-                "set learnable_prompt_samples: 0, or give prompts of a difficulty the model can sometimes solve",
-            )
-        log(f"rl: {len(keep)} of {len(train_set)} training prompts ({share:.0%}) are answered right sometimes")
-        reward_info["learnable_prompt_share"] = share
-        train_set = train_set.select(keep)
     trainer = GRPOTrainer(
         model=stage.model,
         args=args,
@@ -172,7 +173,7 @@ def train(
             return {k: v for k, v in start.items() if k not in (SAMPLES, "_sample_correct")}
         metrics = eval_args.evaluate(trainer.model, trainer.processing_class, task_rows, args.temperature, args.seed)
         metrics = {k: v for k, v in metrics.items() if k not in (SAMPLES, "_sample_correct")}
-        metrics.update({k: v for k, v in reward_info.items() if not k.startswith("_")})
+        metrics.update({k: v for k, v in reward_info.items() if not k.startswith("_")}, **learnable)
         metrics["rl_prompts_per_step"] = prompts_per_step
         task_reward = next((f for f in funcs if isinstance(f, TaskReward)), None)
         if task_reward is not None and task_reward.groups:
