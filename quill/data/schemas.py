@@ -28,7 +28,6 @@ import datasets
 from quill.errors import QuillError
 
 ROLES = ("system", "user", "assistant")
-STAGES = ("pretrain", "sft", "dpo", "reward", "rl")
 MAX_ROWS_CHECKED = 100_000  # all rows of small datasets; the first 100k of large or streaming ones
 
 # Column sets per format, in the order formats are tried for each stage.
@@ -203,7 +202,7 @@ def check_schema(ds, stage: str, source: str, max_rows: int = MAX_ROWS_CHECKED) 
     """Return the format of `ds` for `stage` (see the table above); raise a QuillError at the first bad row.
     At most `max_rows` rows are checked."""
     if stage not in FORMATS:
-        raise QuillError(f"{source}: unknown stage {stage!r}", fix=f"use one of {', '.join(STAGES)}")
+        raise QuillError(f"{source}: unknown stage {stage!r}", fix=f"use one of {', '.join(FORMATS)}")
     have = list(ds.column_names or [])
     if not have and isinstance(ds, datasets.IterableDataset):  # streaming without known features: peek
         have = list(next(iter(ds.take(1)), {}))
