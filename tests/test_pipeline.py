@@ -5,6 +5,7 @@ through pipeline(), and the RL stage's push must round-trip through a Hub-protoc
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +180,26 @@ def test_rerun_skips_finished_stages(finished_run):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")} == before
+
+
+def test_listing_dpo_again_is_a_second_round_from_the_first_rounds_model(finished_run, tmp_path):
+    """Iterative preference optimisation: a recipe that lists the DPO stage again builds the second round's pairs
+    from the first round's model (its own answers), and trains that model."""
+    out, _, hub = finished_run
+    recipe = tmp_path / "recipe"
+    shutil.copytree(REPO / "recipes" / "tiny", recipe)
+    with open(recipe / "recipe.yaml", "a") as f:
+        f.write("  - {name: dpo2, stage: dpo, config: dpo.yaml, from: dpo}\n")
+    run = tmp_path / "run"
+    for stage in ("tokenizer", "dpo"):  # a copy: this run's record and report must not replace the chain's
+        shutil.copytree(out / stage, run / stage)
+    round2 = [o.replace("dpo.", "dpo2.", 1) for o in TINY if o.startswith("dpo.")]
+    cmd = [sys.executable, "-m", "quill.cli", "run", str(recipe), "--output-dir", str(run), "--from", "dpo2"]
+    env = hub.env(QUILL_CACHE=str(out.parent.parent / "quill-cache"))
+    proc = subprocess.run([*cmd, *TINY, *round2], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "dpo2" / "quill_stage.json").read_text())["base_model"] == str(run / "dpo")
+    metrics = json.loads((run / "dpo2" / "metrics.json").read_text())
+    assert metrics["pairs_built"] > 0 and "task_accuracy_p" in metrics
+    # The stage logs under its kind; this run has one DPO stage, dpo2, whose pairs were built at its start.
+    assert [line for line in proc.stderr.splitlines() if line.startswith("[quill] dpo: ") and " pairs from " in line]
