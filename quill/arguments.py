@@ -174,6 +174,7 @@ RANGE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "beta": _at_least(0),  # DPO needs > 0, but GRPO's beta=0 means "no KL term"
     "temperature": _above(0),
     "num_generations": ((lambda v: v >= 2), ">= 2 (group-relative advantages compare several samples per prompt)"),
+    "learnable_prompt_samples": ((lambda v: v == 0 or v >= 2), "0 (off) or >= 2 (samples must be able to disagree)"),
 }
 
 # Options that the libraries' dataclasses accept but a Quill stage does not act on: setting one is an error.

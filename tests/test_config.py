@@ -196,6 +196,14 @@ def test_range_errors(override, expected):
     assert expected in error_of(build_stage_args, SFT_TYPES, [override, "use_cpu=true"])
 
 
+@pytest.mark.parametrize("samples", ["-1", "1"])
+def test_learnable_prompt_samples_is_off_or_at_least_two(samples):
+    from quill.stages.rl import ARG_TYPES as RL_TYPES
+
+    message = error_of(build_stage_args, RL_TYPES, [f"learnable_prompt_samples={samples}", "use_cpu=true"])
+    assert "learnable_prompt_samples must be 0 (off) or >= 2" in message and f"found {samples}" in message
+
+
 @pytest.mark.parametrize(
     "overrides, expected",
     [
