@@ -18,8 +18,8 @@
 import math
 from dataclasses import dataclass
 
-from quill.data.tasks import reward_fn, score
-from quill.metrics import reward_model_scores, sample_completions
+from quill.data.tasks import reward_fn
+from quill.metrics import correctness, reward_model_scores, sample_completions
 from quill.stats import GroupAUC, within_group_auc
 
 
@@ -121,9 +121,6 @@ def learnable_prompts(
     groups = sample_completions(
         model, tokenizer, [r["prompt"] for r in rows], samples, temperature, max_new_tokens, batch_size=64, seed=seed
     )
-    keep = []
-    for i, (row, group) in enumerate(zip(rows, groups, strict=True)):
-        right = sum(score(row["task"], answer, row) >= 1.0 for answer in group)
-        if 0 < right < len(group):
-            keep.append(i)
+    right = [sum(correctness([row] * samples, group)) for row, group in zip(rows, groups, strict=True)]
+    keep = [i for i, hits in enumerate(right) if 0 < hits < samples]
     return keep, len(keep) / max(1, len(rows))
