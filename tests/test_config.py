@@ -320,8 +320,8 @@ class TokenizerArguments:
 ARG_TYPES = (TokenizerArguments, OutputArguments)
 
 
-def train(tok, run):
-    mark_stage_done(run.output_dir, {})
+def train(tok, output):
+    mark_stage_done(output.output_dir, {})
     return {}
 
 

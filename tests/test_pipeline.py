@@ -52,22 +52,17 @@ TINY = [
 ]
 
 
+def chain_cmd(recipe: Path, out: Path, *extra: str) -> list[str]:
+    """`quill run` of `recipe` into `out` at the CI size, the RL stage pushing to the Hub-protocol server."""
+    cmd = [sys.executable, "-m", "quill.cli", "run", str(recipe), "--output-dir", str(out), *TINY]
+    return [*cmd, "rl.push_to_hub=true", "rl.hub_model_id=user/quill-tiny-rl", *extra]
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, hub_server_module):
     out = tmp_path_factory.mktemp("run") / "tiny"
     env = hub_server_module.env(QUILL_CACHE=str(tmp_path_factory.getbasetemp() / "quill-cache"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "quill.cli",
-        "run",
-        str(REPO / "recipes" / "tiny"),
-        "--output-dir",
-        str(out),
-        *TINY,
-        "rl.push_to_hub=true",
-        "rl.hub_model_id=user/quill-tiny-rl",
-    ]
+    cmd = chain_cmd(REPO / "recipes" / "tiny", out)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc, hub_server_module
@@ -164,18 +159,7 @@ def test_pushed_model_answers_from_the_hub_in_a_fresh_process(finished_run):
 def test_rerun_skips_finished_stages(finished_run):
     out, first, hub = finished_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "quill.cli",
-        "run",
-        str(REPO / "recipes" / "tiny"),
-        "--output-dir",
-        str(out),
-        *TINY,
-        "rl.push_to_hub=true",
-        "rl.hub_model_id=user/quill-tiny-rl",
-    ]
+    cmd = chain_cmd(REPO / "recipes" / "tiny", out)
     env = hub.env(QUILL_CACHE=str(out.parent.parent / "quill-cache"))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -194,9 +178,9 @@ def test_listing_dpo_again_is_a_second_round_from_the_first_rounds_model(finishe
     for stage in ("tokenizer", "dpo"):  # a copy: this run's record and report must not replace the chain's
         shutil.copytree(out / stage, run / stage)
     round2 = [o.replace("dpo.", "dpo2.", 1) for o in TINY if o.startswith("dpo.")]
-    cmd = [sys.executable, "-m", "quill.cli", "run", str(recipe), "--output-dir", str(run), "--from", "dpo2"]
+    cmd = chain_cmd(recipe, run, "--from", "dpo2", *round2)
     env = hub.env(QUILL_CACHE=str(out.parent.parent / "quill-cache"))
-    proc = subprocess.run([*cmd, *TINY, *round2], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "dpo2" / "quill_stage.json").read_text())["base_model"] == str(run / "dpo")
     metrics = json.loads((run / "dpo2" / "metrics.json").read_text())
