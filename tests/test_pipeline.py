@@ -68,6 +68,14 @@ def finished_run(tmp_path_factory, hub_server_module):
     return out, proc, hub_server_module
 
 
+def test_every_training_stage_counts_its_tokens_without_a_warning(finished_run):
+    out, proc, _ = finished_run
+    for stage in STAGES[1:]:
+        assert json.loads((out / stage / "metrics.json").read_text())["tokens_seen"] > 0, stage
+    # The Trainer's token count warns on every step of a trainer whose batches hold no input_ids (GRPO's).
+    assert "Tried to track the number of tokens seen" not in proc.stderr
+
+
 def test_chain_writes_every_stage_and_a_report(finished_run):
     out, _, _ = finished_run
     for stage in STAGES:

@@ -144,6 +144,9 @@ def train(
     stage = start_stage("rl", data_args, model_args, args, output)
     if stage.skipped:
         return stage.metrics
+    # GRPOTrainer counts prompt and completion tokens itself; the Trainer's own count looks for input_ids, which a
+    # GRPO batch does not have, and would warn on every step.
+    args.include_num_input_tokens_seen = "no"
     splits = load_stage_data(data_args, "rl")
     task_rows = load_task_eval(data_args) or list(splits["eval"])
     train_set, learnable = learnable_train_set(stage, args, splits["train"])
