@@ -21,7 +21,7 @@ alternate repetitions (ABC, CBA, ...) and a step time is the median of the repet
 6 * N + 12 * L * H * Q * T per token (``throughput/workloads.py``), against a matmul peak measured in the same run.
 
 On CPU both models run with glibc's malloc keeping freed memory for the next step, as Quill's training stages do
-(``quill/allocator.py``); ``--system-malloc`` measures the stock allocator instead.
+(``pipelines/allocator.py``); ``--system-malloc`` measures the stock allocator instead.
 
 The last line printed is the summary as JSON (also written to ``<out>/model_throughput.json``, with a chart next
 to it as ``model_throughput.png``); ``--replot <json>`` prints and plots a saved summary again without measuring.
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--system-malloc",
         action="store_true",
         help="on CPU, leave glibc's malloc as it is instead of keeping freed memory for reuse the way "
-        "Quill's training stages do (quill/allocator.py); both models get the same either way",
+        "Quill's training stages do (pipelines/allocator.py); both models get the same either way",
     )
     parser.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
     parser.add_argument(
@@ -111,7 +111,7 @@ def settle_environment(args: argparse.Namespace) -> tuple[sections.Settings, dic
         "cpu_native_bf16": machine.cpu_supports_bf16(),
         "threads": torch.get_num_threads(),
         "dtype": machine.dtype_name(dtype),
-        "allocator": "glibc malloc keeping freed memory (quill/allocator.py)" if keeps_freed else "system malloc",
+        "allocator": "glibc malloc keeping freed memory (pipelines/allocator.py)" if keeps_freed else "system malloc",
         "warmup": warmup,
         "reps": reps,
         "torch": torch.__version__,

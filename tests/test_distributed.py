@@ -1,6 +1,6 @@
 """Sharded training on CPU, for real: FSDP2 over two gloo processes, and DeepSpeed ZeRO-2/3.
 
-accelerate 1.15 by itself turns FSDP off on CPU and trains with DDP (quill/stages/distributed.py switches it back
+accelerate 1.15 by itself turns FSDP off on CPU and trains with DDP (pipelines/stages/distributed.py switches it back
 on); these tests prove the parameters really are sharded DTensors during training (tests/sharding_probe.py records
 them on every rank), that the final folder holds the whole model, loads without Quill (its own modeling code, no
 torch FSDP files), and equals a single-process run with the same global batch, and that the held-out loss is the
@@ -22,7 +22,7 @@ from tiny_outputs import REPO, is_done, pretrain_argv, sft_argv
 
 pytestmark = pytest.mark.slow  # two-process launches
 
-ACCELERATE = REPO / "quill" / "recipes" / "accelerate"
+ACCELERATE = REPO / "recipes" / "accelerate"
 
 
 def free_port() -> int:

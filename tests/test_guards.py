@@ -1,4 +1,4 @@
-"""The non-finite guard (quill/stages/guards.py) under a loss scaler: overflow steps, which the scaler skips, pass;
+"""The non-finite guard (pipelines/stages/guards.py) under a loss scaler: overflow steps, which the scaler skips, pass;
 a real NaN still stops the stage, with one line.
 
 accelerate sets up fp16 (autocast plus a GradScaler) only on accelerator devices: on CPU, `fp16: true` trains in

@@ -6,19 +6,38 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE = REPO / "quill"
-MODULES = sorted(p for p in PACKAGE.rglob("*.py") if "recipes" not in p.parts)
+# The folders pyproject maps into the `quill` import package (tool.setuptools.package-dir).
+PACKAGE_DIRS = {
+    REPO / "pipelines": "quill",
+    REPO / "custom_models" / "quill": "quill.model",
+    REPO / "recipes": "quill.recipes",
+}
+MODULES = sorted(p for folder in PACKAGE_DIRS for p in folder.rglob("*.py"))
 MAX_MODULE_LINES = 450
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(REPO).with_suffix("").parts
+    folder = next(f for f in PACKAGE_DIRS if path.is_relative_to(f))
+    parts = (*PACKAGE_DIRS[folder].split("."), *path.relative_to(folder).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_pyproject_maps_the_folders_this_test_reads():
+    mapping = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    assert {REPO / folder: name for name, folder in mapping.items()} == PACKAGE_DIRS
+    # Each folder that holds code or recipes is a listed package, or a wheel would leave it out.
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {p.parent for p in MODULES} | {p.parent for p in (REPO / "recipes").rglob("*.yaml")}
+    assert {module_name(folder / "__init__.py") for folder in folders} == listed
+    # No symlinks: they break in some checkouts, archives and on Windows (git marks them with mode 120000).
+    tracked = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True).stdout.splitlines()
+    assert not [line for line in tracked if line.startswith("120000")], "the tree holds a symlink"
 
 
 def quill_imports(path: Path) -> set[str]:
@@ -114,17 +133,20 @@ def test_readme_layout_table_matches_the_tree():
     assert listed, "no paths in the layout table"
     for path in listed:
         assert (REPO / path).exists(), f"README layout lists {path}, which does not exist"
-    # Every module and package of quill/ is covered by a listed path (itself or a folder above it).
+    # Every module and package of the tree is covered by a listed path (itself or a folder above it).
     for path in MODULES:
         rel = path.relative_to(REPO)
-        if rel == Path("quill/__init__.py"):
+        if rel in (Path("pipelines/__init__.py"), Path("recipes/__init__.py")):
             continue
         covered = any(str(rel) == p or str(rel).startswith(p + "/") for p in listed)
         assert covered, f"{rel} is not in the README's layout table"
 
 
+LINTED = ["pipelines", "custom_models", "recipes", "tests", "bench"]
+
+
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install -e '.[dev]')")
 def test_ruff_check_and_format():
-    for args in (["check", "quill", "tests", "bench"], ["format", "--check", "quill", "tests", "bench"]):
+    for args in (["check", *LINTED], ["format", "--check", *LINTED]):
         done = subprocess.run(["ruff", *args], cwd=REPO, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]

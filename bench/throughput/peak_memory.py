@@ -7,7 +7,7 @@ gradients (alike for every variant) and the step's activations, logits and tempo
 
 The subprocess makes glibc's malloc map every block of 64 KiB or more on its own and unmap it when freed, so the
 resident set follows the live tensors and the peak is that of the tensors themselves, the same to a fraction of a
-MiB in every repeat. Under the allocator the timed runs use (freed memory kept for reuse, ``quill/allocator.py``)
+MiB in every repeat. Under the allocator the timed runs use (freed memory kept for reuse, ``pipelines/allocator.py``)
 the peak also holds whatever the heap's fragmentation adds, which varies from process to process by tens of MiB:
 noise that would hide the differences measured here. (``getrusage``'s max RSS would not do either: a child started
 from a big parent inherits the parent's peak.) On CUDA the measure is ``torch.cuda.max_memory_allocated``.

@@ -114,7 +114,7 @@ def start_stage(name, data_args, model_args, args, output, task: str = CAUSAL_LM
     set_seed(args.seed)
     enable_fsdp_on_cpu()  # before the trainer builds its Accelerator; only under a CPU launch with an FSDP config
     if args.use_cpu or not torch.cuda.is_available():
-        keep_freed_memory()  # each step reuses the last one's pages (quill/allocator.py)
+        keep_freed_memory()  # each step reuses the last one's pages (pipelines/allocator.py)
     tokenizer_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if not tokenizer_path:
         raise QuillError(f"{name}: no tokenizer given", "set tokenizer_name_or_path (or model_name_or_path)")

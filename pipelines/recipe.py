@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from quill.errors import (
@@ -28,7 +29,7 @@ from quill.output import check_finished, fingerprint
 from quill.stages import STAGES, stage_module
 
 RECIPE_FILE = "recipe.yaml"
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # shipped with the package
+RECIPES_DIR = Path(str(resources.files("quill.recipes")))  # shipped with the package (recipes/ in a checkout)
 ACCELERATE_DIR = RECIPES_DIR / "accelerate"
 RECIPE_KEYS = ("name", "description", "output_dir", "accelerate_config", "stages")
 STAGE_KEYS = ("name", "config", "from", "reward_model", "stage", "module", "accelerate_config")
@@ -192,7 +193,7 @@ def check_accelerate_config(value: str, recipe_dir: Path, where: str | None) -> 
     except Exception as e:  # accelerate raises ValueError/TypeError/KeyError/YAMLError for a bad file
         raise QuillError(
             f"{where}accelerate config {display_path(path)} is invalid: {type(e).__name__}: {one_line(e)}",
-            "compare it with the shipped ones (quill/recipes/accelerate/), or write one with `accelerate config`",
+            "compare it with the shipped ones (recipes/accelerate/), or write one with `accelerate config`",
         ) from None
     return path.resolve(), bool(getattr(cfg, "use_cpu", False))
 

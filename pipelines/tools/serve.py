@@ -10,7 +10,8 @@ This runs `transformers serve MODEL` itself (its FastAPI app, chat-completion ha
   `transformers serve DIR --trust-remote-code` fails for every custom-code checkpoint, Quill's included, with
   "module transformers has no attribute QuillForCausalLM". Such a model loads here through
   `AutoModelForCausalLM`, as `pipeline()` loads it.
-- `GET /` is a one-page web chat (quill/tools/web_chat.html) that talks to `/v1/chat/completions` on the same origin.
+- `GET /` is a one-page web chat (web_chat.html beside this file) that talks to `/v1/chat/completions` on the
+  same origin.
 
 Without --trust-remote-code a Quill folder runs Quill's installed code (registered with the Auto classes); with it,
 the code copied beside the checkpoint runs, exactly as for `transformers serve --trust-remote-code`. Replies stop at

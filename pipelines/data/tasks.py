@@ -104,7 +104,7 @@ def wrong_answer(task: str, item: dict, rng: random.Random) -> str | None:
     else:
         raise QuillError(
             f"task '{task}': no wrong-answer generator for DPO pairs",
-            fix=f"use one of {sorted(TASKS)} or add a case to quill/data/tasks.py:wrong_answer",
+            fix=f"use one of {sorted(TASKS)} or add a case to pipelines/data/tasks.py:wrong_answer",
         )
     rng.shuffle(candidates)
     for candidate in candidates:

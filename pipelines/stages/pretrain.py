@@ -9,7 +9,7 @@ keeps each document's attention to itself, so packing costs no quality and waste
 Two ways to read the data. By default the sources are loaded, tokenized and packed up front (`datasets` caches the
 result; the main process does it first and the others reuse its cache). With `streaming: true` (large Hub
 datasets) they are read as a stream, tokenized and packed as training consumes rows, by the main process only, and
-every checkpoint keeps the stream's position (quill/data/streaming.py).
+every checkpoint keeps the stream's position (pipelines/data/streaming.py).
 """
 
 import math
