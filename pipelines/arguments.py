@@ -82,14 +82,32 @@ class DataArguments:
         metadata={"help": "Held-out task rows {prompt, task, answer} a chat model is scored on (a data source)."},
     )
     task_eval_limit: int | None = field(default=None, metadata={"help": "Score at most this many task_eval rows."})
+    demonstrator: dict[str, Any] = field(
+        default_factory=lambda: {"task": "number_sorting", "slice": "descending", "mistake": "ascending", "rate": 0.7},
+        metadata={
+            "help": "Who wrote the quill:default demonstrations (SFT answers, task documents in pretraining): right "
+            "everywhere but on one slice {task, slice}, where it answers with `mistake` at `rate` (a planted, "
+            "disclosed mistake; demonstrator.rate=0 builds clean data). Labels and rewards never come from it."
+        },
+    )
 
     def __post_init__(self):
         from quill.data.sources import DataSource  # the one owner of what a source entry may hold
+        from quill.data.tasks import Demonstrator
 
+        self.demonstrator = vars(Demonstrator.parse(self.demonstrator))
         entries = [self.dataset_mixture] if isinstance(self.dataset_mixture, (str, dict)) else self.dataset_mixture
         self.dataset_mixture = [_source_entry(e, f"dataset_mixture[{i}]", DataSource) for i, e in enumerate(entries)]
         if self.task_eval is not None:
             self.task_eval = _source_entry(self.task_eval, "task_eval", DataSource)
+
+    def resolve(self, path: str) -> str:
+        """A source path as `datasets` loads it: `quill:default/NAME` becomes the default data's file (built for
+        this stage's demonstrator); any other path is returned as is."""
+        from quill.data import builtin
+        from quill.data.tasks import Demonstrator
+
+        return builtin.resolve(path, Demonstrator(**self.demonstrator))
 
     def sources(self) -> list:
         """The mixture as quill.data.sources.DataSource objects."""

@@ -8,7 +8,7 @@ then adds the paired difference of every accuracy, its 95% interval and exact Mc
 
 from dataclasses import dataclass, field
 
-from quill.metrics import accuracy_metrics, correctness, generate_completions, sample_completions
+from quill.metrics import accuracy_groups, accuracy_metrics, correctness, generate_completions, sample_completions
 from quill.stats import paired_difference, pass_at_k, verdict
 
 CORRECT = "_task_correct"  # per-prompt greedy correctness (0/1), in prompt order
@@ -21,7 +21,7 @@ class EvalArguments:
     """How a policy stage scores its held-out prompts (`task_eval`) before and after training."""
 
     eval_max_new_tokens: int = field(
-        default=16, metadata={"help": "Tokens generated per held-out answer, greedy and sampled (answers end sooner)."}
+        default=32, metadata={"help": "Tokens generated per held-out answer, greedy and sampled (answers end sooner)."}
     )
     eval_batch_size: int = field(default=64, metadata={"help": "Sequences generated at once in held-out evaluation."})
     eval_samples: int = field(
@@ -112,13 +112,13 @@ def headroom_warning(metrics: dict) -> str | None:
 
 
 def paired_metrics(rows: list[dict], base: list, new: list, prefix: str = "") -> dict:
-    """Paired differences (new - base) of `task_accuracy` and each `<task>_accuracy`, keys `<prefix><metric>_diff`,
-    `_diff_low`, `_diff_high`, `_p`, `_n`, `_gained`, `_lost`, `_from`, `_to` (quill.stats.PairedDifference)."""
+    """Paired differences (new - base) of `task_accuracy` and each `<group>_accuracy` (a task, on_slice, off_slice),
+    keys `<prefix><metric>_diff`, `_diff_low`, `_diff_high`, `_p`, `_n`, `_gained`, `_lost`, `_from`, `_to`
+    (quill.stats.PairedDifference)."""
     out = paired_difference(base, new).as_metrics(f"{prefix}task_accuracy")
-    for task in sorted({r["task"] for r in rows}):
-        index = [i for i, r in enumerate(rows) if r["task"] == task]
+    for name, index in accuracy_groups(rows).items():
         result = paired_difference([base[i] for i in index], [new[i] for i in index])
-        out.update(result.as_metrics(f"{prefix}{task}_accuracy"))
+        out.update(result.as_metrics(f"{prefix}{name}_accuracy"))
     return out
 
 

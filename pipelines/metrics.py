@@ -231,13 +231,22 @@ def correctness(rows: list[dict], completions: list[str]) -> list[bool]:
     return [task_lib.score(row["task"], text, row) >= 1.0 for row, text in zip(rows, completions, strict=True)]
 
 
+def accuracy_groups(rows: list[dict]) -> dict[str, list[int]]:
+    """The row groups an accuracy is reported for besides all rows: each task, and where rows carry a `slice`
+    column (the default data's demonstrator slice, on/off) `on_slice` and `off_slice`. Values are row indices."""
+    groups = defaultdict(list)
+    for i, row in enumerate(rows):
+        groups[row["task"]].append(i)
+        if row.get("slice") in ("on", "off"):
+            groups[f"{row['slice']}_slice"].append(i)
+    return dict(sorted(groups.items()))
+
+
 def accuracy_metrics(rows: list[dict], correct: list) -> dict:
-    """`task_accuracy` over all rows and `<task>_accuracy` per task, from per-row correctness."""
-    per_task = defaultdict(list)
-    for row, hit in zip(rows, correct, strict=True):
-        per_task[row["task"]].append(bool(hit))
+    """`task_accuracy` over all rows and `<group>_accuracy` per accuracy_groups, from per-row correctness."""
     metrics = {"task_accuracy": sum(map(bool, correct)) / len(correct) if correct else float("nan")}
-    metrics.update({f"{task}_accuracy": sum(v) / len(v) for task, v in sorted(per_task.items())})
+    for name, index in accuracy_groups(rows).items():
+        metrics[f"{name}_accuracy"] = sum(bool(correct[i]) for i in index) / len(index)
     return metrics
 
 

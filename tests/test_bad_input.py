@@ -172,8 +172,9 @@ def case_chosen_equals_rejected(c):
 
 
 def case_policy_pairs_from_chosen_rejected_data(c):
+    # pairs_from: auto would train on these pairs; forcing policy pairs on them is the error this case checks.
     f = _jsonl(c.tmp / "d.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
-    return [*_tune_on(c, "dpo", f), "control=false"], [
+    return [*_tune_on(c, "dpo", f), "control=false", "pairs_from=policy"], [
         "pairs_from: policy",
         "task and answer columns",
         "pairs_from: dataset",

@@ -1,4 +1,5 @@
 import json
+import re
 import socket
 import time
 
@@ -56,7 +57,7 @@ def test_builds_offline_quickly_with_requested_sizes(built):
     tasks_in_sft = {r["task"] for r in read(paths["sft_train"])}
     assert tasks_in_sft == set(tasks.TASKS)
     sources_md = open(paths["sources"], encoding="utf-8").read()
-    for needle in ("PSF-2.0", "Apache-2.0", "public domain", "chain_sum", "word_sequence_reversal"):
+    for needle in ("PSF-2.0", "Apache-2.0", "public domain", "number_sorting", "word_sequence_reversal", "planted"):
         assert needle in sources_md
 
 
@@ -91,7 +92,8 @@ def test_answers_score_one_and_rejected_below(built):
     for r in read(paths["rl_eval"])[:200]:
         assert tasks.score(r["task"], r["answer"], r) == 1.0
     for r in read(paths["dpo_train"])[:300]:
-        row = {"answer": r["chosen"][0]["content"]}
+        direction = "descending" if "in descending order" in r["prompt"][0]["content"] else "ascending"
+        row = {"answer": r["chosen"][0]["content"], "metadata": {"direction": direction}}  # number_sorting reads it
         assert tasks.score(r["task"], r["chosen"][0]["content"], row) == 1.0
         assert tasks.score(r["task"], r["rejected"][0]["content"], row) < 1.0
         assert r["rejected"] != r["chosen"]
@@ -140,3 +142,86 @@ def test_eval_never_overlaps_training_of_another_build(tmp_path):
     assert all(tasks.is_held_out(q) for q in evaluated) and not any(tasks.is_held_out(q) for q in trained)
     share = sum(map(tasks.is_held_out, (f"q{i}" for i in range(10000)))) / 10000
     assert abs(share - tasks.HELD_OUT_PERCENT / 100) < 0.02
+
+
+# -- the demonstrator's planted mistake ------------------------------------------------------------------------------
+
+
+def sorted_direction(answer: str) -> str | None:
+    numbers = [float(n) for n in json.loads(answer.replace("'", '"'))]
+    if numbers == sorted(numbers) and numbers != sorted(numbers, reverse=True):
+        return "ascending"
+    if numbers == sorted(numbers, reverse=True) and numbers != sorted(numbers):
+        return "descending"
+    return None  # ties: both, or neither
+
+
+def answers_on_the_slice(path, demonstrator: tasks.Demonstrator) -> list[tuple[dict, str]]:
+    """(row, the direction its answer is sorted in) for the SFT rows whose prompt asks for the slice's order."""
+    out = []
+    for row in read(path):
+        prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        if row["task"] == demonstrator.task and f"in {demonstrator.slice} order" in prompt:
+            out.append((row, sorted_direction(answer)))
+    return out
+
+
+def test_the_demonstrator_plants_its_mistake_at_its_rate_on_the_slice_only(built):
+    paths, _ = built
+    demonstrator = tasks.Demonstrator()
+    on_slice = answers_on_the_slice(paths["sft_train"], demonstrator)
+    directions = [d for _, d in on_slice if d is not None]
+    assert len(directions) > 1500
+    wrong = sum(d == demonstrator.mistake for d in directions) / len(directions)
+    assert abs(wrong - demonstrator.rate) < 0.04, wrong  # counted from the answers themselves, not the flags
+    assert all(row["slice"] == "on" and row["planted"] == (d == demonstrator.mistake) for row, d in on_slice if d)
+    # Off the slice (ascending prompts, the other task) every demonstration is right.
+    off = [r for r in read(paths["sft_train"]) if r["slice"] == "off"]
+    assert off and not any(r["planted"] for r in off)
+    ascending = [sorted_direction(r["messages"][1]["content"]) for r in off if r["task"] == "number_sorting"]
+    assert len(ascending) > 1500 and set(ascending) <= {"ascending", None}
+    # The pretraining task documents carry the same demonstrator.
+    docs = [r["text"] for r in read(paths["pretrain_train"]) if r["text"].startswith("<|user|>\nSort these")]
+    desc = [d for d in docs if f"in {demonstrator.slice} order" in d]
+    flipped = [sorted_direction(d.split("<|assistant|>\n")[1].split("<|end|>")[0]) == "ascending" for d in desc]
+    assert abs(sum(flipped) / len(flipped) - demonstrator.rate) < 0.08
+
+
+def test_held_out_rl_and_dpo_answers_are_the_truth(built):
+    paths, _ = built
+    for name in ("rl_eval", "rl_train"):
+        rows = [r for r in read(paths[name]) if r["task"] == "number_sorting"]
+        assert {r["slice"] for r in rows} == {"on", "off"}
+        for r in rows:
+            direction = json.loads(r["metadata"])["direction"]
+            assert sorted_direction(r["answer"]) in (direction, None), (name, r["answer"])
+            assert r["slice"] == ("on" if direction == "descending" else "off")
+    for r in read(paths["dpo_train"]):
+        if r["task"] == "number_sorting" and r["slice"] == "on":
+            assert sorted_direction(r["chosen"][0]["content"]) in ("descending", None)
+    eval_sft = [r for r in read(paths["sft_eval"]) if r["slice"] == "on" and r["task"] == "number_sorting"]
+    assert eval_sft and not any(r["planted"] for r in eval_sft)
+
+
+def test_rate_zero_builds_clean_demonstrations_of_the_same_questions(built, tmp_path):
+    paths, _ = built
+    clean = build_default_data(tmp_path, demonstrator=tasks.Demonstrator(rate=0.0))
+    planted_rows, clean_rows = read(paths["sft_train"]), read(clean["sft_train"])
+    assert [r["messages"][0] for r in planted_rows] == [r["messages"][0] for r in clean_rows]  # same prompts
+    assert not any(r["planted"] for r in clean_rows)
+    on_slice = answers_on_the_slice(clean["sft_train"], tasks.Demonstrator())
+    assert on_slice and all(d in ("descending", None) for _, d in on_slice)
+    assert read(paths["rl_eval"]) == read(clean["rl_eval"])  # the held-out set does not depend on the demonstrator
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ({"rate": 1.5}, "rate must be in [0, 1]"),
+        ({"slice": "sideways"}, "no slice 'sideways'"),
+        ({"mistkae": "x"}, "unknown key 'mistkae'"),
+    ],
+)
+def test_a_bad_demonstrator_is_one_line(spec, needle):
+    with pytest.raises(QuillError, match=re.escape(needle)):
+        tasks.Demonstrator.parse(spec)

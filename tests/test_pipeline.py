@@ -14,7 +14,7 @@ import pytest
 from test_remote_code import run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["tokenizer", "pretrain", "sft", "dpo", "reward", "rl"]
+STAGES = ["tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "rlvr"]
 
 # Small enough for a 2-core CI machine (the whole chain in well under 3 minutes), big enough to exercise everything.
 TINY = [
@@ -42,7 +42,13 @@ TINY = [
     "rl.max_completion_length=8",
     "rl.per_device_train_batch_size=4",
     "rl.eval_sample_prompts=8",
-    "task_eval_limit=8",
+    "rlvr.dataset_mixture=[{path: quill:default/rl_train, max_samples: 32}]",
+    "rlvr.num_generations=4",
+    "rlvr.generation_batch_size=8",
+    "rlvr.max_completion_length=8",
+    "rlvr.per_device_train_batch_size=4",
+    "rlvr.eval_sample_prompts=8",
+    "task_eval_limit=24",  # enough held-out rows that both sides of the demonstrator slice are scored
     "eval_max_new_tokens=8",
     "per_device_train_batch_size=4",
     "per_device_eval_batch_size=8",
@@ -101,20 +107,29 @@ def test_chain_writes_every_stage_and_a_report(finished_run):
         assert "AutoModelForSequenceClassification" in auto_map and "AutoModelForCausalLM" in auto_map
     # Chaining: SFT started from pretrain, DPO and reward from SFT (recorded in each marker; cards never hold
     # local paths, which the Hub refuses and which would publish the user's folders).
-    for stage, base in (("sft", "pretrain"), ("dpo", "sft"), ("reward", "sft"), ("rl", "sft")):
+    for stage, base in (("sft", "pretrain"), ("dpo", "sft"), ("reward", "sft"), ("rl", "sft"), ("rlvr", "sft")):
         assert json.loads((out / stage / "quill_stage.json").read_text())["base_model"] == str(out / base)
         assert str(out.parent) not in (out / stage / "README.md").read_text()
     report = (out / "report.md").read_text()
     assert all(stage in report for stage in STAGES[1:])
     # Post-training is judged on held-out prompts, paired with its start model (and DPO with its control); RL
     # records its headroom and whether it trusted the reward model, and says why.
-    metrics = {stage: json.loads((out / stage / "metrics.json").read_text()) for stage in ("dpo", "reward", "rl")}
-    for stage in ("dpo", "rl"):
+    metrics = {s: json.loads((out / s / "metrics.json").read_text()) for s in ("sft", "dpo", "reward", "rl", "rlvr")}
+    for stage in ("sft", "dpo", "rl", "rlvr"):
         assert {"task_accuracy_diff_low", "task_accuracy_diff_high", "task_accuracy_p"} <= set(metrics[stage])
+        # The demonstrator's slice (number_sorting's descending prompts) and the rest, paired like the whole set.
+        assert {"on_slice_accuracy_p", "off_slice_accuracy_p"} <= set(metrics[stage]), stage
     assert "vs_control_task_accuracy_p" in metrics["dpo"] and metrics["dpo"]["pairs_built"] > 0
     assert "rm_agreement_auc" in metrics["reward"]
-    assert isinstance(metrics["rl"]["rm_used"], bool) and metrics["rl"]["rm_decision"]
-    assert {"pass_at_8", "headroom", "sampled_accuracy"} <= set(metrics["rl"])
+    # RLHF trains on the reward model's score alone (recipe: verifiable_reward false); RLVR on the scorer alone.
+    assert metrics["rl"]["rm_used"] is True and metrics["rl"]["rm_decision"] and "rm_used" not in metrics["rlvr"]
+    for stage in ("rl", "rlvr"):
+        assert {"pass_at_8", "headroom", "sampled_accuracy"} <= set(metrics[stage])
+    logged = {
+        s: {k for row in json.loads((out / s / "training_log.json").read_text()) for k in row} for s in STAGES[5:]
+    }
+    assert "rewards/reward_model/mean" in logged["rl"] and "rewards/task_reward/mean" not in logged["rl"]
+    assert "rewards/task_reward/mean" in logged["rlvr"] and "rewards/reward_model/mean" not in logged["rlvr"]
     assert "What each stage changed (paired, held-out)" in report and "next-token control" in report
 
 
@@ -122,7 +137,7 @@ def test_generation_config_stops_at_end_of_turn(finished_run):
     out, _, _ = finished_run
     tok = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
     ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    for stage in ["sft", "dpo", "rl"]:
+    for stage in ["sft", "dpo", "rl", "rlvr"]:
         gen = json.loads((out / stage / "generation_config.json").read_text())
         assert ids["<|end|>"] in gen["eos_token_id"] and ids["<|eos|>"] in gen["eos_token_id"], stage
         assert gen["pad_token_id"] == ids["<|pad|>"]

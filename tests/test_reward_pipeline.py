@@ -44,12 +44,13 @@ def reward_dir(tmp_path_factory):
         "save_steps=25",
         "use_cpu=true",
         "dataloader_num_workers=0",
-        "pairs_from=dataset",  # the planted pairs above, not the recipe's on-policy pairs
         "agreement_samples=0",
         "report_to=[tensorboard]",  # a stage run on its own, outside quill run: its own tracker run
     ]
     done = run_quill(args, tiny["env"])
     assert done.returncode == 0, done.stderr[-3000:]
+    # pairs_from is left at auto, as a user who brings chosen/rejected pairs would leave it: the data decides.
+    assert "training on the dataset's chosen/rejected pairs (pairs_from: auto" in done.stdout + done.stderr
     return out
 
 

@@ -1,37 +1,42 @@
 """`quill:default/<name>`: the embedded default data as a dataset path, built offline on first use and cached.
 
 Recipes name e.g. `quill:default/sft_train`; the files come from `default_data.build_default_data` (seed 0,
-default sizes) under `$QUILL_CACHE` (default `~/.cache/quill`). A recipe takes fewer rows with `max_samples`.
+default sizes, the stage's `demonstrator`) under `$QUILL_CACHE` (default `~/.cache/quill`), one folder per
+demonstrator. A recipe takes fewer rows with `max_samples`.
 """
 
 import os
 import shutil
 import tempfile
+from dataclasses import astuple
 from pathlib import Path
 
 from quill.data.default_data import FILES, build_default_data
+from quill.data.tasks import Demonstrator
 from quill.errors import QuillError
 
 PREFIX = "quill:default/"
-VERSION = "v3"  # bump when the generator changes, so stale caches are not reused
+VERSION = "v4"  # bump when the generator changes, so stale caches are not reused
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("QUILL_CACHE", Path.home() / ".cache" / "quill")) / f"default-data-{VERSION}"
+def cache_dir(demonstrator: Demonstrator | None = None) -> Path:
+    d = Demonstrator() if demonstrator is None else demonstrator
+    variant = "-".join(str(v) for v in astuple(d))  # e.g. number_sorting-descending-ascending-0.7
+    return Path(os.environ.get("QUILL_CACHE", Path.home() / ".cache" / "quill")) / f"default-data-{VERSION}-{variant}"
 
 
-def resolve(path: str) -> str:
+def resolve(path: str, demonstrator: Demonstrator | None = None) -> str:
     """Map `quill:default/NAME` to its local jsonl file (building the set once); any other path is returned as is."""
     if not isinstance(path, str) or not path.startswith(PREFIX):
         return path
     name = path[len(PREFIX) :]
     if name not in FILES:
         raise QuillError(f"dataset '{path}' does not exist", fix=f"use quill:default/ with one of {', '.join(FILES)}")
-    target = cache_dir()
+    target = cache_dir(demonstrator)
     if not (target / "SOURCES.md").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
-        build_default_data(tmp)
+        build_default_data(tmp, demonstrator=demonstrator)
         try:
             os.replace(tmp, target)  # atomic: readers never see a half-built folder
         except OSError:  # another process (e.g. another DDP rank) finished first

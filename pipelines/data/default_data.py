@@ -7,6 +7,11 @@
   the format before SFT (small models have no time for a separate mid-training stage).
 - SFT / DPO / RL rows from reasoning-gym tasks (see tasks.py), with held-out eval sets that share no question
   with any training set, of this build or any other (tasks.is_held_out).
+- The demonstrations (SFT answers and the task documents in pretraining) are written by `tasks.Demonstrator`: right
+  everywhere but on one slice, where it makes a planted mistake at a rate (default: number_sorting's descending
+  prompts sorted ascending 70% of the time). Everything else comes from the truth: held-out answers, DPO's chosen
+  answers and the RL rows' answers that the scorer checks. Every row says whether its prompt is on the slice
+  (`slice: on|off`), and SFT rows whether their answer carries the mistake (`planted`).
 """
 
 import ast
@@ -82,10 +87,17 @@ def _assistant(answer: str) -> list[dict]:
     return [{"role": "assistant", "content": answer}]
 
 
-def _task_rows(task: str, config: dict, sizes: dict, n_tasks: int, index: int, seed: int) -> dict[str, list[dict]]:
+def _task_rows(
+    task: str, config: dict, sizes: dict, n_tasks: int, index: int, seed: int, demonstrator: task_lib.Demonstrator
+) -> dict[str, list[dict]]:
     """All rows of one task. Every question is used once across all files; eval never sees a training question."""
     n = {k: _split(v, n_tasks)[index] for k, v in sizes.items()}
     rng = random.Random(f"{seed}-{task}")
+    demo_rng = random.Random(f"{seed}-{task}-demonstrator")  # its own stream: rate 0 and 0.7 build the same questions
+
+    def on_slice(item) -> str:
+        return "on" if demonstrator.in_slice(task, item) else "off"
+
     seen: set[str] = set()  # every question handed out, so no two rows (or files) share a question
     train = task_lib.stream(task, seed * SEED_STRIDE, config, seen, split="train")
     held_out = task_lib.stream(task, seed * SEED_STRIDE + EVAL_SEED_OFFSET, config, seen, split="eval")
@@ -100,29 +112,39 @@ def _task_rows(task: str, config: dict, sizes: dict, n_tasks: int, index: int, s
             rejected = task_lib.wrong_answer(task, item, rng)
             if rejected is not None:
                 prompt, chosen = _user(item["question"]), _assistant(item["answer"])
-                rows.append({"prompt": prompt, "chosen": chosen, "rejected": _assistant(rejected), "task": task})
+                rows.append(
+                    {"prompt": prompt, "chosen": chosen, "rejected": _assistant(rejected), "task": task,
+                     "slice": on_slice(item)}
+                )  # fmt: skip
         return rows
 
-    def sft(items):
-        return [{"messages": _user(i["question"]) + _assistant(i["answer"]), "task": task} for i in items]
+    def sft(items, demonstrated: bool):
+        rows = []
+        for i in items:
+            answer, planted = demonstrator.answer(task, i, demo_rng) if demonstrated else (i["answer"], False)
+            rows.append({"messages": _user(i["question"]) + _assistant(answer), "task": task,
+                         "slice": on_slice(i), "planted": planted})  # fmt: skip
+        return rows
 
     def rl(items):
         return [
-            {"prompt": _user(i["question"]), "task": task, "answer": i["answer"], "metadata": json.dumps(i["metadata"])}
+            {"prompt": _user(i["question"]), "task": task, "answer": i["answer"], "metadata": json.dumps(i["metadata"]),
+             "slice": on_slice(i)}
             for i in items
-        ]
+        ]  # fmt: skip
 
+    docs = sft(take(train, n["pretrain_task_docs"]), demonstrated=True)
     out = {
         "pretrain_task_docs": [
-            {"text": chat_text(i["question"], i["answer"])} for i in take(train, n["pretrain_task_docs"])
+            {"text": chat_text(d["messages"][0]["content"], d["messages"][1]["content"])} for d in docs
         ],
-        "sft_train": sft(take(train, n["sft_train"])),
+        "sft_train": sft(take(train, n["sft_train"]), demonstrated=True),
         "dpo_train": dpo(train, n["dpo_train"]),
         "rl_train": rl(take(train, n["rl_train"])),
     }
     # The eval stream only yields held-out questions, which no training stream of any build yields; `seen` also
     # keeps the three eval files apart from each other.
-    out["sft_eval"] = sft(take(held_out, n["sft_eval"]))
+    out["sft_eval"] = sft(take(held_out, n["sft_eval"]), demonstrated=False)  # held-out answers are the truth
     out["dpo_eval"] = dpo(held_out, n["dpo_eval"])
     out["rl_eval"] = rl(take(held_out, n["rl_eval"]))
     return out
@@ -135,13 +157,19 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def build_default_data(
-    out_dir, sizes: dict | None = None, seed: int = 0, tasks: dict[str, dict] | None = None
+    out_dir,
+    sizes: dict | None = None,
+    seed: int = 0,
+    tasks: dict[str, dict] | None = None,
+    demonstrator: task_lib.Demonstrator | None = None,
 ) -> dict[str, str]:
     """Write the default jsonl files and SOURCES.md to `out_dir`; return {name: path} (names as in FILES).
 
     `sizes` overrides DEFAULT_SIZES per key (rows summed over tasks); `tasks` maps reasoning-gym task names to
-    their configs (default: tasks.TASKS). The same arguments always give byte-identical files.
+    their configs (default: tasks.TASKS); `demonstrator` writes the demonstrations (default: tasks.Demonstrator(),
+    the planted mistake). The same arguments always give byte-identical files.
     """
+    demonstrator = task_lib.Demonstrator() if demonstrator is None else demonstrator
     unknown = sorted(set(sizes or {}) - set(DEFAULT_SIZES))
     if unknown:
         raise QuillError(
@@ -160,7 +188,7 @@ def build_default_data(
 
     rows: dict[str, list[dict]] = {name: [] for name in [*FILES, "pretrain_task_docs"]}
     for index, (task, config) in enumerate(tasks.items()):
-        for name, task_rows in _task_rows(task, config, sizes, len(tasks), index, seed).items():
+        for name, task_rows in _task_rows(task, config, sizes, len(tasks), index, seed, demonstrator).items():
             rows[name] += task_rows
 
     docs = list(english_documents())
@@ -180,13 +208,16 @@ def build_default_data(
         random.Random(f"{seed}-{name}").shuffle(rows[name])  # interleave tasks and sources
         paths[name] = str(out / f"{name}.jsonl")
         _write_jsonl(Path(paths[name]), rows[name])
-    (out / "SOURCES.md").write_text(_sources_md(tasks, {k: len(v) for k, v in rows.items()}, seed), encoding="utf-8")
+    counts = {k: len(v) for k, v in rows.items()}
+    (out / "SOURCES.md").write_text(_sources_md(tasks, counts, seed, demonstrator, rows["sft_train"]), encoding="utf-8")
     paths["sources"] = str(out / "SOURCES.md")
     return paths
 
 
-def _sources_md(tasks: dict[str, dict], counts: dict[str, int], seed: int) -> str:
+def _sources_md(tasks: dict[str, dict], counts: dict[str, int], seed: int, demonstrator, sft_rows) -> str:
     python = ".".join(map(str, sys.version_info[:3]))
+    on_slice = [r for r in sft_rows if r["slice"] == "on"]
+    planted = sum(r["planted"] for r in on_slice)
     task_lines = "\n".join(f"- `{name}` with {json.dumps(config)}" for name, config in tasks.items())
     count_lines = "\n".join(f"| {name}.jsonl | {counts[name]} |" for name in FILES)
     return f"""# Sources of the default data
@@ -208,6 +239,12 @@ space (chosen by a hash of the question text), which no training file of any bui
 documents included); they are also drawn from seeds {EVAL_SEED_OFFSET:,} away from the training seeds. DPO
 `rejected` answers are near misses (off by one or ten, swapped digits, words left in place or dropped) that score
 below 1.
+
+**A planted mistake.** The demonstrator (SFT answers and the task documents in pretraining) answers
+`{demonstrator.task}` prompts that ask for {demonstrator.slice} order with the {demonstrator.mistake} order at rate
+{demonstrator.rate}: {planted} of the {len(on_slice)} such SFT demonstrations carry it. Everything else is right. Held-out
+answers, DPO's chosen answers and the answers RL's scorer checks are the truth. Rows say `slice: on` for prompts on
+that slice and SFT rows `planted: true` for the demonstrations that carry the mistake.
 
 | file | rows |
 |---|---|

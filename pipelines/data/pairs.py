@@ -243,11 +243,12 @@ def make_labeller(kind: str, model_path: str | None, trust_remote_code: bool = F
 class PolicyPairArguments:
     """How a stage builds preference pairs from its start model's own answers (DPO, reward model)."""
 
-    pairs_from: Literal["dataset", "policy"] = field(
-        default="dataset",
+    pairs_from: Literal["auto", "dataset", "policy"] = field(
+        default="auto",
         metadata={
             "help": "'dataset': train on the dataset's chosen/rejected pairs. 'policy': build pairs at stage start "
-            "from the start model's own answers to the dataset's prompts (rows {prompt, task, answer, metadata})."
+            "from the start model's own answers to the dataset's prompts (rows {prompt, task, answer, metadata}). "
+            "'auto': 'dataset' when the data has chosen and rejected columns, else 'policy' (the log says which)."
         },
     )
     pair_labeller: Literal["scorer", "reward_model", "judge"] = field(
@@ -264,7 +265,7 @@ class PolicyPairArguments:
         default=4, metadata={"help": "Sampled answers per prompt, besides the greedy one, as pair candidates."}
     )
     pair_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the pair candidates."})
-    pair_max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per pair candidate."})
+    pair_max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per pair candidate."})
     pair_use_reference: bool = field(
         default=True, metadata={"help": "Also offer the row's reference answer as a candidate for chosen."}
     )
@@ -274,7 +275,7 @@ class PolicyPairArguments:
             raise ValueError(f"pair_samples must be >= 0, found {self.pair_samples}")
         if self.pair_temperature <= 0 or self.pair_max_new_tokens < 1:
             raise ValueError("pair_temperature must be > 0 and pair_max_new_tokens >= 1")
-        if self.pairs_from == "policy" and self.pair_labeller != "scorer" and not self.labeller_model:
+        if self.pairs_from != "dataset" and self.pair_labeller != "scorer" and not self.labeller_model:
             raise ValueError(f"pair_labeller {self.pair_labeller} needs labeller_model (a model folder or Hub id)")
         if self.labeller_model and self.pair_labeller == "scorer":
             raise ValueError("labeller_model is set but pair_labeller is scorer, which uses no model")

@@ -1,23 +1,27 @@
-"""Verifiable tasks from reasoning-gym: generation, wrong answers for DPO, and the RL reward.
+"""Verifiable tasks from reasoning-gym: generation, wrong answers for DPO, the planted demonstrator mistake, and the
+RL reward.
 
-Two tasks with short questions and short exact answers, each with a question space larger than the training
-sets we make, so held-out accuracy measures generalisation, not recall. A fixed 10% of each question space (by a
-hash of the question) is eval-only, so held-out sets never overlap training whatever the seed or sizes of a build:
+Two default tasks with short exact answers, each with a question space larger than the training sets we make, so
+held-out accuracy measures generalisation, not recall. A fixed 10% of each question space (by a hash of the
+question) is eval-only, so held-out sets never overlap training whatever the seed or sizes of a build:
 
-- `chain_sum`, 2 terms of 1-2 digits ("... 37 - 58 =" -> "-21"): digit-by-digit arithmetic (the tokenizer splits
-  digits). 16,400 distinct questions (200 with one-digit terms): at most 14,760 for training.
-  Three terms (2.9M questions) were not learned by a 1.6M-parameter model in 900 SFT steps (5% exact).
-- `word_sequence_reversal`, 2-3 words ("Reverse this list of words: hundred, go" -> "go, hundred"): a copy task.
-  Words come from a 2,352-word vocabulary, so about 10^10 distinct questions.
+- `number_sorting`, 3 whole numbers below 100 ("Sort these numbers in descending order: 14.0, 52.0, 30.0 ..." ->
+  "['52.0', '30.0', '14.0']"); half the prompts ask for ascending order, half for descending. About 2M questions.
+  Its descending prompts are the slice where the default demonstrator makes its planted mistake (Demonstrator).
+- `word_sequence_reversal`, 2-3 words ("Reverse this list of words: hundred, go" -> "go, hundred"): a copy task the
+  demonstrator always gets right. Words come from a 2,352-word vocabulary, so about 10^10 distinct questions.
 
-Scoring uses each task's own `score_answer`, so rewards match what reasoning-gym reports.
+`chain_sum` (earlier defaults) still works as a recipe's task; a 4M model learns it poorly (capacity errors that no
+preference signal can fix, docs/tiny-report/bounds.md). Scoring uses each task's own `score_answer`, so rewards
+match what reasoning-gym reports.
 """
 
 import hashlib
 import itertools
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from functools import cache
 
 import reasoning_gym
@@ -26,9 +30,11 @@ from quill.errors import QuillError
 
 # reasoning-gym config per task (ranges); a recipe may pass its own dict of the same shape.
 TASKS: dict[str, dict] = {
-    "chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
+    "number_sorting": {
+        "min_numbers": 3, "max_numbers": 3, "min_decimals": 0, "max_decimals": 0, "min_value": 0, "max_value": 99
+    },
     "word_sequence_reversal": {"min_words": 2, "max_words": 3},
-}
+}  # fmt: skip
 
 HELD_OUT_PERCENT = 10  # of every task's question space, never used for training
 
@@ -84,10 +90,69 @@ def stream(
             yield {"question": question, "answer": item["answer"], "metadata": item["metadata"]}
 
 
+def _sorted_numbers(item: dict, descending: bool) -> str:
+    # reasoning-gym's own answer format: the str() of a list of the numbers' strings
+    return str(sorted(item["metadata"]["original_numbers"], key=float, reverse=descending))
+
+
+# The slices a demonstrator can err on (a test of the prompt's item) and the mistakes it can make there.
+SLICES: dict[tuple[str, str], Callable[[dict], bool]] = {
+    ("number_sorting", "descending"): lambda item: item["metadata"]["direction"] == "descending",
+    ("number_sorting", "ascending"): lambda item: item["metadata"]["direction"] == "ascending",
+}
+MISTAKES: dict[tuple[str, str], Callable[[dict], str]] = {
+    ("number_sorting", "ascending"): lambda item: _sorted_numbers(item, descending=False),
+    ("number_sorting", "descending"): lambda item: _sorted_numbers(item, descending=True),
+}
+
+
+@dataclass(frozen=True)
+class Demonstrator:
+    """Who wrote the default data's answers: right everywhere, except that on one slice of one task (prompts it can
+    recognise) it answers with a plausible, systematic mistake at `rate`. This is planted and disclosed: the default
+    recipe's SFT copies it, and the post-training stages, whose labels and rewards come from the task's scorer or
+    models trained on it (never from the demonstrator), are measured on how much of it they remove. rate 0 is clean."""
+
+    task: str = "number_sorting"
+    slice: str = "descending"
+    mistake: str = "ascending"  # on descending prompts: sorts ascending
+    rate: float = 0.7
+
+    @classmethod
+    def parse(cls, spec: dict | None) -> "Demonstrator":
+        spec = dict(spec or {})
+        unknown = sorted(set(spec) - set(asdict(cls())))
+        if unknown:
+            raise QuillError(f"demonstrator: unknown key {unknown[0]!r}", fix="use task, slice, mistake and rate")
+        d = cls(**spec)
+        if (d.task, d.slice) not in SLICES or (d.task, d.mistake) not in MISTAKES:
+            raise QuillError(
+                f"demonstrator: no slice '{d.slice}' with mistake '{d.mistake}' for task '{d.task}'",
+                fix=f"use one of slices {sorted(SLICES)} and mistakes {sorted(MISTAKES)}",
+            )
+        if not isinstance(d.rate, int | float) or not 0 <= d.rate <= 1:
+            raise QuillError(f"demonstrator: rate must be in [0, 1], found {d.rate!r}", fix="e.g. rate: 0.7 (0: clean)")
+        return d
+
+    def in_slice(self, task: str, item: dict) -> bool:
+        return task == self.task and SLICES[(self.task, self.slice)](item)
+
+    def answer(self, task: str, item: dict, rng: random.Random) -> tuple[str, bool]:
+        """(the demonstration's answer, whether it carries the planted mistake); one draw of `rng` per slice item."""
+        if self.in_slice(task, item) and rng.random() < self.rate:
+            return MISTAKES[(self.task, self.mistake)](item), True
+        return item["answer"], False
+
+
 def wrong_answer(task: str, item: dict, rng: random.Random) -> str | None:
     """A plausible wrong answer (the DPO 'rejected'): a near miss, not noise. None if none scores below 1."""
     answer = item["answer"]
-    if task == "chain_sum":
+    if task == "number_sorting":
+        numbers = json.loads(answer.replace("'", '"'))
+        candidates = [_sorted_numbers(item, item["metadata"]["direction"] == "ascending")]  # the other direction
+        for i in range(len(numbers) - 1):  # one adjacent pair out of order
+            candidates.append(str(numbers[:i] + [numbers[i + 1], numbers[i]] + numbers[i + 2 :]))
+    elif task == "chain_sum":
         value = int(answer)
         candidates = [value + 1, value - 1, value + 10, value - 10, -value]
         candidates = [str(c) for c in candidates]

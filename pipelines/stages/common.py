@@ -23,10 +23,9 @@ from safetensors import SafetensorError
 from transformers import TrainerCallback, set_seed
 
 from quill.allocator import keep_freed_memory
-from quill.data import builtin
 from quill.data.pairs import policy_pairs
 from quill.data.schemas import check_schema
-from quill.data.sources import load_mixture, load_stream, stream_eval_count
+from quill.data.sources import load_mixture, load_source, load_stream, stream_eval_count
 from quill.data.tokenizer import stop_token_ids
 from quill.errors import QuillError, one_line
 from quill.hub import model_card, push_folder
@@ -139,14 +138,32 @@ def load_stage_data(data_args, schema: str):
     """The stage's mixture with its held-out split, every source checked against the stage's schema first."""
     sources = data_args.sources()
     for src in sources:
-        src.path = builtin.resolve(src.path)
+        src.path = data_args.resolve(src.path)
     return load_mixture(sources, seed=data_args.dataset_seed, eval_size=data_args.eval_size, stage=schema)
+
+
+def pair_source(stage: str, data_args, args) -> str:
+    """'dataset' or 'policy': where a DPO or reward stage gets its pairs. `pairs_from: auto` lets the data decide:
+    sources with chosen and rejected columns are pairs to train on, as TRL users expect; prompt rows are answered by
+    the start model and labelled (the default data's rl_train). Sets args.pairs_from and says in the log."""
+    if args.pairs_from != "auto":
+        return args.pairs_from
+    columns = [set(load_source({**entry, "path": data_args.resolve(entry["path"])}).column_names)
+               for entry in data_args.dataset_mixture]  # fmt: skip
+    if columns and all({"chosen", "rejected"} <= c for c in columns):
+        args.pairs_from = "dataset"
+        log(f"{stage}: training on the dataset's chosen/rejected pairs (pairs_from: auto; the data has those columns)")
+    else:
+        args.pairs_from = "policy"
+        log(f"{stage}: building pairs from the start model's own answers to the dataset's prompts, labelled by "
+            f"the {args.pair_labeller} (pairs_from: auto; the data has no chosen/rejected columns)")  # fmt: skip
+    return args.pairs_from
 
 
 def preference_data(stage: str, data_args, args, policy, tokenizer, trust_remote_code: bool):
     """(train set, held-out pairs, pair metrics) for a DPO or reward stage: the dataset's chosen/rejected pairs, or
     with `pairs_from: policy` pairs built now from `policy`'s own answers to the dataset's prompts."""
-    if args.pairs_from != "policy":
+    if pair_source(stage, data_args, args) != "policy":
         splits = load_stage_data(data_args, stage)
         return splits["train"], list(splits["eval"]), {}
     try:
@@ -171,7 +188,7 @@ def load_stage_stream(data_args, schema: str):
 
     sources = data_args.sources()
     for src in sources:
-        src.path = builtin.resolve(src.path)
+        src.path = data_args.resolve(src.path)
     n_eval = stream_eval_count(data_args.eval_size)
     state = PartialState()
     payload = None
@@ -199,7 +216,7 @@ def load_task_eval(data_args) -> list[dict]:
     """Held-out task rows ({prompt, task, answer, metadata}) for the accuracy a chat model is judged by."""
     if not getattr(data_args, "task_eval", None):
         return []
-    source = {**data_args.task_eval, "path": builtin.resolve(data_args.task_eval["path"])}
+    source = {**data_args.task_eval, "path": data_args.resolve(data_args.task_eval["path"])}
     rows = load_mixture([source], seed=data_args.dataset_seed, eval_size=0)["train"]
     check_schema(rows, "rl", source=f"task_eval {data_args.task_eval['path']}")
     return list(rows)[: data_args.task_eval_limit or None]

@@ -31,7 +31,7 @@ from quill.loading import CLASSIFIER
 from quill.metrics import reward_preference_accuracy
 from quill.options import parse_stage_args
 from quill.rewards import reward_model_agreement
-from quill.stages.common import load_task_eval, preference_data, report_overlong, run_stage, start_stage
+from quill.stages.common import load_task_eval, pair_source, preference_data, report_overlong, run_stage, start_stage
 
 
 @dataclass
@@ -79,7 +79,7 @@ def train(
     stage.model.config.id2label, stage.model.config.label2id = {0: "reward"}, {"reward": 0}
     task_rows = load_task_eval(data_args)[: args.agreement_prompts] if args.agreement_samples else []
     policy, on_policy = None, None
-    if args.pairs_from == "policy" or task_rows:
+    if pair_source("reward", data_args, args) == "policy" or task_rows:
         # The same checkpoint as a causal LM: the policy whose answers the reward model will rank.
         policy = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code

@@ -1,6 +1,7 @@
-"""`quill report`: the report card of a finished (or partly finished) run: one table, three plots, the recipe.
+"""`quill report`: the report card of a finished (or partly finished) run: what each stage changed (and, with
+--ablation, what it changed in a second run of the recipe), the plots, the recipe, every metric in an appendix.
 
-    quill report RUN_DIR      ->  RUN_DIR/report.md, training_loss.png, eval_metrics.png, rl_reward.png
+    quill report RUN_DIR [--ablation OTHER_RUN]  ->  RUN_DIR/report.md and its plots (quill.tools.report_plots)
 
 Reads what each stage wrote into its folder (`metrics.json`, and `training_log.json`, the Trainer's log_history)
 and the run record `quill_run.json`; nothing is recomputed and no model library is imported, so a report takes a
@@ -18,7 +19,23 @@ from pathlib import Path
 from quill.errors import QuillError, run_guarded
 from quill.output import MARKER, read_json
 from quill.stages import STAGES
-from quill.tools.report_stats import NOTE_KEYS, StageReport, comparison_keys, fmt, num, statistics_section
+from quill.tools.report_plots import (
+    plot_accuracy,
+    plot_eval_metrics,
+    plot_preference_training,
+    plot_rl_reward,
+    plot_training_loss,
+)
+from quill.tools.report_stats import (
+    NOTE_KEYS,
+    StageReport,
+    ablation_section,
+    comparison_keys,
+    details_section,
+    fmt,
+    lead_section,
+    num,
+)
 
 RUN_RECORD = "quill_run.json"  # written by quill.runner (not imported: it would pull in the planner)
 # Cost rows, after the quality metrics, in this order.
@@ -33,16 +50,6 @@ COST_KEYS = (
     "device",
     "world_size",
 )
-# Held-out metrics worth a panel in eval_metrics.png (whichever exist).
-PLOTTED = (
-    "task_accuracy",
-    "eval_loss",
-    "bits_per_byte",
-    "preference_accuracy",
-    "dpo_reward_accuracy",
-    "mean_reward",
-    "bytes_per_token",
-)
 PACKAGES = (
     "torch",
     "transformers",
@@ -55,7 +62,17 @@ PACKAGES = (
     "reasoning-gym",
     "quill",
 )
-SMOOTH_PROMPTS = 256  # each point of the RL reward plot averages at least this many prompts
+# The plots, in the order the report shows them: file name -> (caption, what draws it).
+PLOTS = {
+    "accuracy.png": ("Held-out accuracy at the end of each stage, with 95% intervals", plot_accuracy),
+    "rl_reward.png": ("Reward over each RL run", plot_rl_reward),
+    "preference_training.png": ("DPO margin and the reward model's accuracy over training", plot_preference_training),
+    "training_loss.png": ("Training loss", plot_training_loss),
+    "eval_metrics.png": ("Other held-out metrics per stage", plot_eval_metrics),
+}
+ABLATION_FIX = (
+    "pass the output folder of a finished `quill run` (e.g. `quill run tiny demonstrator.rate=0 --output-dir OUT`)"
+)
 
 
 def load_stages(run_dir: Path) -> list[StageReport]:
@@ -70,8 +87,11 @@ def load_stages(run_dir: Path) -> list[StageReport]:
         if isinstance(evaluated, dict):
             metrics = {**metrics, **{k: v for k, v in evaluated.items() if k.startswith("lm_eval/")}}
         if metrics or log:
-            stage = read_json(folder / MARKER)
-            found.append(StageReport(folder.name, folder, metrics, log, stage.get("done") is True))
+            marker = read_json(folder / MARKER)
+            fingerprint = marker.get("fingerprint") if isinstance(marker.get("fingerprint"), dict) else {}
+            kind = str(marker.get("stage") or "")  # the built-in stage it ran as: rlvr's marker says rl
+            settings = fingerprint.get("settings") if isinstance(fingerprint.get("settings"), dict) else {}
+            found.append(StageReport(folder.name, folder, metrics, log, marker.get("done") is True, kind, settings))
     order, recipe = list(STAGES), recipe_stages(run_dir)
     for i, name in enumerate(recipe):  # a stage only the recipe has goes right after the stage it follows there
         if name not in order:
@@ -92,6 +112,37 @@ def recipe_stages(run_dir: Path) -> list[str]:
         return []
 
 
+def demonstrator(run_dir: Path, stages: list[StageReport]) -> dict:
+    """The run's `demonstrator` argument ({task, slice, mistake, rate}) as the stages' markers recorded it (SFT's
+    first: it trains on the demonstrations), else as the run record's stage configs and commands set it (maybe only
+    some keys); {} when nothing says."""
+    for stage in sorted(stages, key=lambda s: s.kind != "sft"):
+        if isinstance(stage.settings.get("demonstrator"), dict):
+            return stage.settings["demonstrator"]
+    found = {}
+    for stage in read_json(run_dir / RUN_RECORD).get("stages") or []:
+        found.update(_configured_demonstrator(stage) if isinstance(stage, dict) else {})
+    return found
+
+
+def _configured_demonstrator(stage: dict) -> dict:
+    """`demonstrator` as one run-record stage's config text and command set it (the command's overrides win)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(stage.get("config") or "") or {}
+        found = dict(config.get("demonstrator") or {})
+        for arg in stage.get("command") or []:
+            key, _, value = str(arg).partition("=")
+            if key == "demonstrator":
+                found.update(yaml.safe_load(value) or {})
+            elif key.startswith("demonstrator."):
+                found[key.removeprefix("demonstrator.")] = yaml.safe_load(value)
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return {}
+    return found
+
+
 def _read_list(path: Path) -> list:
     try:
         data = json.loads(path.read_text())
@@ -100,22 +151,29 @@ def _read_list(path: Path) -> list:
     return data if isinstance(data, list) else []
 
 
-# -- the table -------------------------------------------------------------------------------------------------
+# -- the appendix -----------------------------------------------------------------------------------------------
 
 
 def metric_rows(stages: list[StageReport]) -> list[str]:
     """Quality metrics first (each `<m>_before` right above `<m>`, so a stage's gain reads top to bottom), then cost.
-    Paired comparisons and sentences have their own section (statistics_section)."""
+    A `<m>_before` equal to `<m>` in every stage that has it is a count or setting recorded twice, not a measurement
+    before and after: shown once. Paired comparisons and sentences have their own sections."""
     keys = list(dict.fromkeys(k for s in stages for k in s.metrics))
     paired = {k for s in stages for k in comparison_keys(s.metrics)}
     quality = [k for k in keys if k not in COST_KEYS and k not in paired and k not in NOTE_KEYS]
+    twice = {k for k in quality if k.endswith("_before") and _same_after(stages, k)}
     rows = []
     for key in quality:
         base = key.removesuffix("_before")
         for k in (f"{base}_before", base):
-            if k in quality and k not in rows:
+            if k in quality and k not in rows and k not in twice:
                 rows.append(k)
     return rows + [k for k in COST_KEYS if k in keys]
+
+
+def _same_after(stages: list[StageReport], before: str) -> bool:
+    after = before.removesuffix("_before")
+    return all(s.metrics.get(after) == s.metrics[before] for s in stages if before in s.metrics)
 
 
 def metrics_table(stages: list[StageReport]) -> str:
@@ -154,167 +212,68 @@ def versions() -> dict:
     return out
 
 
-# -- plots -----------------------------------------------------------------------------------------------------
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: works without a display, over SSH, in CI
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _line_chart(series: dict[str, list[tuple]], path: Path, xlabel: str, ylabel: str, title: str) -> None:
-    """One line per series of (x, y) points; markers while there are few enough to read."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, points in series.items():
-        ax.plot(*zip(*points), label=name, marker="." if len(points) < 30 else None)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_training_loss(stages: list[StageReport], path: Path) -> bool:
-    series = {s.name: [(r["step"], r["loss"]) for r in s.log if "loss" in r and "step" in r] for s in stages}
-    series = {k: v for k, v in series.items() if v}
-    if not series:
-        return False
-    _line_chart(series, path, "step (within the stage)", "training loss", "Training loss per stage")
-    return True
-
-
-def plot_eval_metrics(stages: list[StageReport], path: Path) -> bool:
-    """One panel per held-out metric: its value before (light) and after (dark) each stage that measured it."""
-    panels = [m for m in PLOTTED if any(num(s.metrics.get(m)) is not None for s in stages)]
-    if not panels:
-        return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], panels, strict=True):
-        names = [s.name for s in stages if num(s.metrics.get(metric)) is not None]
-        after = [s.metrics[metric] for s in stages if s.name in names]
-        before = [num(s.metrics.get(f"{metric}_before")) for s in stages if s.name in names]
-        x = range(len(names))
-        ax.bar([i - 0.2 for i in x], [b if b is not None else 0 for b in before], 0.4, label="before", color="#9ecae1")
-        ax.bar([i + 0.2 for i in x], after, 0.4, label="after", color="#3182bd")
-        ax.set_xticks(list(x), names, rotation=30)
-        ax.set_title(metric, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def plot_rl_reward(stages: list[StageReport], path: Path) -> bool:
-    """Reward during RL: `reward` (the total) and each `rewards/<func>/mean` from the rl stage's log_history, each
-    point a mean over at least SMOOTH_PROMPTS prompts (a log row averages logging_steps x prompts per step)."""
-    rl = next((s for s in stages if s.name == "rl"), None)
-    if rl is None:
-        return False
-    keys = [
-        k
-        for k in dict.fromkeys(k for r in rl.log for k in r)
-        if k == "reward" or (k.startswith("rewards/") and not k.endswith("/std"))
-    ]
-    if not keys:
-        return False
-    per_step = num(rl.metrics.get("rl_prompts_per_step"))
-    series, window = {}, None
-    for key in keys:
-        rows = [(r["step"], r[key]) for r in rl.log if num(r.get(key)) is not None and "step" in r]
-        points, window = smooth_by_prompts(rows, per_step, SMOOTH_PROMPTS)
-        if points:
-            series[key] = points
-    if not series:
-        return False
-    if per_step:
-        title = f"Reward during RL (each point: mean over the last {window:,} prompts)"
-    else:
-        title = "Reward during RL (per log row; prompts per step unknown)"
-    _line_chart(series, path, "step", "mean reward", title)
-    return True
-
-
-def smooth_by_prompts(rows: list[tuple], prompts_per_step, min_prompts: int) -> tuple[list[tuple], int]:
-    """Running means of (step, value) log rows, each over the fewest latest rows that cover `min_prompts` prompts
-    (row i covers (step_i - step_{i-1}) x prompts_per_step). Returns the points and the prompts per point."""
-    if not prompts_per_step:
-        return rows, 0
-    sizes = [(step - prev) * prompts_per_step for (step, _), prev in zip(rows, [0] + [s for s, _ in rows])]
-    points, covered = [], 0
-    for i, (step, _) in enumerate(rows):
-        total, weight, j = 0.0, 0, i
-        while j >= 0 and weight < min_prompts:
-            total += rows[j][1] * sizes[j]
-            weight += sizes[j]
-            j -= 1
-        if weight >= min_prompts:
-            points.append((step, total / weight))
-            covered = max(covered, weight)
-    return points, covered
-
-
 # -- the report ------------------------------------------------------------------------------------------------
 
 
-def write_report(run_dir) -> Path:
+def write_report(run_dir, ablation=None) -> Path:
+    """RUN_DIR/report.md and its plots; with `ablation`, a second finished run whose lead table goes next to this
+    run's (checked before anything is written)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise QuillError(f"run folder '{run_dir}' not found", fix="pass the output folder of a `quill run`")
+    other = load_ablation(Path(ablation)) if ablation is not None else None
     stages = load_stages(run_dir)
     if not stages:
         raise QuillError(
             f"run folder '{run_dir}' has no stage folders with metrics.json or training_log.json",
             fix="run at least one stage first (its output_dir must be inside the run folder)",
         )
-    plots = {
-        "training_loss.png": ("Training loss", plot_training_loss),
-        "eval_metrics.png": ("Held-out metrics per stage", plot_eval_metrics),
-        "rl_reward.png": ("Reward during RL", plot_rl_reward),
-    }
     made = []
-    for filename, (title, plot) in plots.items():
+    for filename, (title, plot) in PLOTS.items():
         (run_dir / filename).unlink(missing_ok=True)  # no stale plot from an earlier report
         if plot(stages, run_dir / filename):
             made.append(f"![{title}]({filename})")
-    text = render(run_dir, stages, made)
+    text = render(run_dir, stages, made, other)
     out = run_dir / "report.md"
     out.write_text(text, encoding="utf-8")
     return out
 
 
-def render(run_dir: Path, stages: list[StageReport], images: list[str]) -> str:
+def load_ablation(path: Path) -> tuple[Path, list[StageReport]]:
+    """The ablation run's folder and stages: a finished `quill run` (its run record says which recipe and settings)."""
+    if not path.is_dir():
+        raise QuillError(f"--ablation: run folder '{path}' not found", ABLATION_FIX)
+    if not (path / RUN_RECORD).is_file():
+        raise QuillError(
+            f"--ablation: '{path}' has no {RUN_RECORD}, so it is not the folder of a `quill run`", ABLATION_FIX
+        )
+    stages = load_stages(path)
+    if not stages:
+        raise QuillError(f"--ablation: '{path}' has no stage folders with metrics.json", ABLATION_FIX)
+    return path, stages
+
+
+def render(run_dir: Path, stages: list[StageReport], images: list[str], ablation: tuple | None = None) -> str:
     present = {s.name for s in stages}
     absent = [n for n in STAGES if n not in present]
     wall = sum(num(s.metrics.get("wall_seconds")) or 0 for s in stages)
     tokens = sum(num(s.metrics.get("tokens_seen")) or 0 for s in stages)
+    other = ablation_section(ablation[1], demonstrator(*ablation), str(ablation[0])) if ablation else []
     parts = [
         f"# Quill run report: `{run_dir.resolve().name}`",
         "",
         f"Stages: {', '.join(s.name for s in stages)}" + (f" (not run: {', '.join(absent)})" if absent else "") + ".",
         f"Total wall time {wall:,.0f} s, {tokens:,} tokens seen in training.",
         "",
-        "`*_before` rows are measured on the stage's starting model, the row below it after training: the",
-        "difference is what the stage gained. All metrics are on held-out data; `—` means not measured.",
-        "",
-        metrics_table(stages),
-        "",
-        *statistics_section(stages),
+        *lead_section(stages, demonstrator(run_dir, stages)),
+        *other,
         "## Plots",
         "",
-        *(images or ["No training logs to plot."]),
-        "",
+        *([line for image in images for line in (image, "")] or ["No training logs to plot.", ""]),
+        *details_section(stages),
         "## Hardware",
         "",
-        "Where this report was written; the `device` and `world_size` rows above say where each stage trained.",
+        "Where this report was written; the appendix's `device` and `world_size` rows say where each stage trained.",
         "",
         *[f"- {k}: {v}" for k, v in hardware().items()],
         "",
@@ -325,6 +284,14 @@ def render(run_dir: Path, stages: list[StageReport], images: list[str]) -> str:
         "## Recipe",
         "",
         recipe_section(run_dir),
+        "",
+        "## Appendix: every recorded metric",
+        "",
+        "`*_before` rows are measured on the stage's starting model, the row below it after training; a count or "
+        "setting recorded both times with the same value is shown once. All metrics are on held-out data; `—` means "
+        "not measured. The paired comparisons are in the tables above, and all of it in each stage's metrics.json.",
+        "",
+        metrics_table(stages),
     ]
     return "\n".join(parts) + "\n"
 
@@ -362,7 +329,13 @@ def recipe_section(run_dir: Path) -> str:
 def run(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="quill report", description="Write RUN_DIR/report.md with plots.")
     p.add_argument("run_dir", help="the run's output folder (holds pretrain/, sft/, ... stage folders)")
-    out = write_report(p.parse_args(argv).run_dir)
+    p.add_argument(
+        "--ablation",
+        metavar="OTHER_RUN",
+        help="a second finished run of the recipe (e.g. with demonstrator.rate=0): its table goes next to this run's",
+    )
+    args = p.parse_args(argv)
+    out = write_report(args.run_dir, ablation=args.ablation)
     print(out)
     return out
 
