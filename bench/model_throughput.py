@@ -8,7 +8,7 @@ Sections (``--only`` picks some; all run by default; bench/README.md describes e
 - dense:      full training steps (forward, loss, backward, fused AdamW) of Quill and Llama at two sizes, with
               references: both on eager attention, and Quill without attention (the ceiling of every ratio).
 - packed:     rows of 1024 tokens holding 8 documents (restarting position_ids, no attention_mask): Quill's
-              ``quill_sdpa`` against Llama on sdpa with the block-diagonal mask transformers builds.
+              ``sdpa`` (per document) against Llama on sdpa with the block-diagonal mask transformers builds.
 - kernels:    stock Quill against Quill with each hand-written kernel (RMSNorm, SwiGLU, fused LM-head loss)
               replaced by its plain-autograd reference, one at a time and all at once, at the dense sizes.
 - memory:     peak memory of the same variants (and Llama), a fresh subprocess per measurement.

@@ -65,7 +65,8 @@ def test_pipeline_and_reward_model_load_without_the_project(tmp_path):
         rm = AutoModelForSequenceClassification.from_pretrained({str(ckpt)!r}, num_labels=1, trust_remote_code=True)
         score = rm(**pipe.tokenizer(["a b", "c"], return_tensors="pt", padding=True)).logits
         print(json.dumps({{"text": text, "reply_role": reply["role"], "module": type(pipe.model).__module__,
-                          "rm_class": type(rm).__name__, "rm_shape": list(score.shape)}}))
+                          "rm_class": type(rm).__name__, "rm_shape": list(score.shape),
+                          "attn": [pipe.model.config._attn_implementation, rm.config._attn_implementation]}}))
     """,
         tmp_path,
     )
@@ -73,3 +74,4 @@ def test_pipeline_and_reward_model_load_without_the_project(tmp_path):
     assert result["reply_role"] == "assistant"
     assert result["module"].startswith("transformers_modules.")  # the copied code, not the project
     assert result["rm_class"] == "QuillForSequenceClassification" and result["rm_shape"] == [2, 1]
+    assert result["attn"] == ["sdpa", "sdpa"]  # transformers' default name, as for its own models

@@ -120,7 +120,7 @@ def measure_dense(settings: Settings, peak: dict) -> list[dict]:
 
 
 def measure_packed(settings: Settings, peak: dict) -> dict:
-    """Packed rows of 1024 tokens (8 documents): Quill on quill_sdpa vs Llama on sdpa with the block-diagonal mask."""
+    """Packed rows of 1024 tokens (8 documents): Quill on sdpa (per document) vs Llama on sdpa with the block mask."""
     return time_models("packed", settings.packed_size, PACKED_MODELS, settings, peak)
 
 

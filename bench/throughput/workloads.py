@@ -2,7 +2,7 @@
 
 Quill and transformers' LlamaForCausalLM get the same dimensions: hidden/intermediate size, layers, heads, kv heads,
 vocab, tied embeddings, no biases. What differs is the implementation (fused projections, the fused LM head + loss,
-RMSNorm/SwiGLU autograd functions, the ``quill_sdpa`` packed-row backend), plus Quill's QK-norm (on by default
+RMSNorm/SwiGLU autograd functions, per-document SDPA on packed rows), plus Quill's QK-norm (on by default
 and kept on here: it is extra work for Quill).
 """
 
@@ -157,7 +157,7 @@ def model_config_kwargs(size: Size) -> dict:
 
 def build_model(name: str, size: Size) -> torch.nn.Module:
     """One model by name:
-    - "quill": default backend quill_sdpa, QK-norm on (the default), every kernel;
+    - "quill": default backend sdpa (per document on packed rows), QK-norm on (the default), every kernel;
     - "llama": LlamaForCausalLM on sdpa;
     - "quill_eager", "llama_eager": the same on eager attention;
     - "quill_no_attention": the ceiling above;

@@ -3,8 +3,10 @@
 Kept apart from ``modeling_quill.py`` so the model reads like transformers' own; this file is imported relatively
 by the model and copied beside every checkpoint with it, so it must stay a flat sibling with no project imports.
 
-- ``quill_sdpa``: an attention backend for packed rows (several documents per row, marked by restarting
+- ``packed_sdpa_attention_forward``: attention for packed rows (several documents per row, marked by restarting
   ``position_ids``). It runs SDPA's fused causal kernel per document instead of materialising an LxL block mask.
+  Quill's ``sdpa`` implementation calls it for packed rows (``QuillModel.forward`` finds the documents); it is also
+  registered under its own name, ``quill_sdpa``, for explicit use (any model can select it that way).
 - ``rms_norm``, ``swiglu``: the textbook maths with backwards that keep less for backward than autograd's
   decomposition. ``bench/model_throughput.py`` measures each against its plain-autograd reference (``reference_*``
   below) in the same run; bench/README.md has the figures that keep them here.
@@ -146,7 +148,9 @@ def packed_sdpa_mask(*args, attention_mask=None, q_length=None, kv_length=None, 
     )
 
 
-# transformers' registries are how a backend is selected by name (`attn_implementation="quill_sdpa"`).
+# transformers' registries are how a backend is selected by name (`attn_implementation="quill_sdpa"`). A new name
+# only: "sdpa" is not re-registered (that would change every model in the process); Quill's own `sdpa` reaches the
+# packed path from inside the model instead.
 AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention_forward)
 AttentionMaskInterface.register(PACKED_ATTENTION, packed_sdpa_mask)
 

@@ -2,9 +2,11 @@
 
 Pre-norm blocks of RMSNorm -> attention (fused QKV, GQA, optional QK-norm, RoPE) and RMSNorm -> SwiGLU MLP
 (fused gate/up), no biases. Attention goes through ``ALL_ATTENTION_FUNCTIONS`` so ``eager``, ``sdpa``,
-``flex_attention`` and ``flash_attention_2`` all work; Quill's default is its own ``quill_sdpa`` backend, which keeps
-packed documents apart without an LxL mask. The kernels (that backend, RMSNorm/SwiGLU autograd functions and the
-fused LM-head loss) live in ``kernels_quill.py``.
+``flex_attention`` and ``flash_attention_2`` all work. The default is ``sdpa``, as for every transformers model; in
+Quill it keeps packed documents apart without an LxL mask: packed rows (restarting ``position_ids``, no attention
+mask, no cache yet) run SDPA once per document, everything else takes transformers' stock sdpa path. The kernels
+(that packed attention, also selectable as ``quill_sdpa``; RMSNorm/SwiGLU autograd functions and the fused LM-head
+loss) live in ``kernels_quill.py``.
 
 This file, ``configuration_quill.py`` and ``kernels_quill.py`` are copied next to every saved checkpoint and run
 under whatever transformers the loader has, so they stay flat siblings that import each other relatively, and use
@@ -26,17 +28,35 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, is_torchdynamo_compiling
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_quill import QuillConfig
-from .kernels_quill import PACKED_ATTENTION, DocumentLayout, fused_causal_lm_loss, rms_norm, swiglu
+from .kernels_quill import (
+    PACKED_ATTENTION,
+    DocumentLayout,
+    fused_causal_lm_loss,
+    packed_sdpa_attention_forward,
+    rms_norm,
+    swiglu,
+)
 
 # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` -> `cache` (generate() passes
 # `cache=`, earlier releases `past_key_values=`). Quill's forwards take both names and use `cache` inside; outputs
 # are built with the field name of the installed release, so `outputs.cache` / `outputs.past_key_values` both work.
 CACHE_FIELD = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+# Attention implementations whose packed rows Quill attends per document (see QuillModel.forward).
+PACKING_AWARE = ("sdpa", PACKED_ATTENTION)
+
+
+def deprecate_past_key_values(forward: Callable) -> Callable:
+    """Where `cache` is the name (5.24+), `past_key_values=` still works but warns once per call, through the same
+    decorator and arguments as Llama's forwards. Before 5.24 it is the name generate() passes: accepted silently."""
+    if CACHE_FIELD == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+    return forward
 
 
 class QuillRMSNorm(nn.Module):
@@ -161,6 +181,9 @@ class QuillAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if kwargs.get("document_layout") is not None:
+            # A packed row under sdpa: QuillModel.forward found its documents and built no mask. Attend per document.
+            attention_interface = packed_sdpa_attention_forward
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -227,10 +250,6 @@ class QuillPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": QuillDecoderLayer, "attentions": QuillAttention}
 
-    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
-        # Quill's packed-aware SDPA is the default; anything the user asks for explicitly still wins.
-        return super().get_correct_attn_implementation(requested_attention or PACKED_ATTENTION, is_init_check)
-
 
 class QuillModel(QuillPreTrainedModel):
     def __init__(self, config: QuillConfig):
@@ -242,6 +261,7 @@ class QuillModel(QuillPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @deprecate_past_key_values
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -271,14 +291,27 @@ class QuillModel(QuillPreTrainedModel):
         # nothing about the mask, so build the mask as if it were absent: packed rows stay separate either way.
         fresh_dynamic_cache = isinstance(cache, DynamicCache) and past_seen == 0
         mask_cache = None if fresh_dynamic_cache and attention_mask is None else cache
-        if isinstance(attention_mask, dict):
+        # sdpa (and quill_sdpa) on unpadded full-prefix input: rows holding several documents are attended per
+        # document, with no mask at all (transformers would build an LxL block mask). Under torch.compile finding
+        # the documents is data-dependent control flow, so there transformers' mask keeps them apart instead.
+        layout = None
+        if (
+            self.config._attn_implementation in PACKING_AWARE
+            and attention_mask is None
+            and mask_cache is None
+            and not is_torchdynamo_compiling()
+        ):
+            layout = DocumentLayout.from_position_ids(position_ids, inputs_embeds.shape[0])
+            if layout is not None or self.config._attn_implementation == PACKED_ATTENTION:
+                kwargs["document_layout"] = layout  # None: one document per row (quill_sdpa need not look again)
+        if layout is not None:
+            causal_mask = None
+        elif isinstance(attention_mask, dict):
             causal_mask = attention_mask["full_attention"]
         else:  # the cache goes in by position: its keyword is `past_key_values` or `cache` depending on the release
             causal_mask = create_causal_mask(
                 self.config, inputs_embeds, attention_mask, mask_cache, position_ids=position_ids
             )
-        if self.config._attn_implementation == PACKED_ATTENTION and causal_mask is None and past_seen == 0:
-            kwargs["document_layout"] = DocumentLayout.from_position_ids(position_ids, inputs_embeds.shape[0])
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -321,6 +354,7 @@ class QuillForCausalLM(QuillPreTrainedModel, GenerationMixin):
             and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
         )
 
+    @deprecate_past_key_values
     @can_return_tuple
     def forward(
         self,
