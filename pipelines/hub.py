@@ -6,22 +6,27 @@ home folder), `pipeline_tag` is one of the Hub's tasks. Local sources are descri
 The push retries what can pass on a retry (network errors, 429, 5xx) and fails at once, in one line, otherwise.
 """
 
-import re
 import time
 from pathlib import Path
 
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from quill.errors import QuillError, one_line
 
-# A Hub repo id: `name` or `namespace/name`; letters, digits, '-', '_', '.'; no '--' or '..'; at most 96 characters.
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
 PUSH_IGNORE = ["checkpoints/*", ".*", "quill_stage.json"]
 
 
 def is_hub_id(name: str | None) -> bool:
-    """Whether `name` can only be a Hub repo id: the Hub's id syntax, and no local file or folder of that name."""
-    if not isinstance(name, str) or len(name) > 96 or "--" in name or ".." in name or name.endswith(".git"):
+    """Whether `name` can only be a Hub repo id: huggingface_hub's id rules, and no local file or folder of that name
+    (which the library cannot know, and which loading would pick first)."""
+    if not isinstance(name, str):  # validate_repo_id lets None through: an id is optional to it
         return False
-    return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not Path(name).expanduser().exists()
 
 
 def model_card(
@@ -37,27 +42,26 @@ def model_card(
     hub_base = base_model if is_hub_id(base_model) else None
     hub_datasets = [d for d in datasets if is_hub_id(d)]
     task = "text-classification" if classifier else "text-generation"
-    front = ["---", "library_name: transformers", f"pipeline_tag: {task}", "tags:", "- quill", f"- {stage}"]
-    if hub_base:
-        front.append(f"base_model: {hub_base}")
-    if hub_datasets:
-        front += ["datasets:"] + [f"- {d}" for d in hub_datasets]
-    front.append("---")
+    # huggingface_hub writes the front matter: quoting (a stage named `a: b`) and key names are its job, not ours.
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=task,
+        tags=["quill", stage],
+        base_model=hub_base,
+        datasets=hub_datasets or None,  # None leaves the key out; [] would write `datasets: []`
+    )
     origin = hub_base or ("trained from scratch" if not base_model else "a local model (its path is not published)")
-    data = [d if is_hub_id(d) or d.startswith("quill:") else "a local dataset" for d in datasets]
+    shown = [d if is_hub_id(d) or d.startswith("quill:") else "a local dataset" for d in datasets]
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     repo = hub_model_id or "path/to/this/folder"
     example = "[{'role': 'user', 'content': 'What is 3 + 4?'}]" + (", max_new_tokens=32" if not classifier else "")
-    return (
-        "\n".join(front)
-        + f"""
-
+    body = f"""
 # Quill — {stage} stage
 
 A Quill decoder-only language model after the **{stage}** stage of a Quill pipeline run.
 
 - Base model: {origin}
-- Data: {", ".join(dict.fromkeys(data)) or "n/a"}
+- Data: {", ".join(dict.fromkeys(shown)) or "n/a"}
 
 ## Metrics (held-out)
 
@@ -76,7 +80,7 @@ pipe = pipeline("{task}", model="{repo}", trust_remote_code=True)
 print(pipe({example}))
 ```
 """
-    )
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
 def _status(err: Exception) -> int | None:

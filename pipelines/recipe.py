@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from quill.errors import (
     SECRET_KEYS,
     QuillError,
@@ -55,6 +57,7 @@ class Recipe:
     output_dir: Path
     stages: list[StageSpec]
     env: dict[str, str] = field(default_factory=dict)
+    description: str = ""  # one line for people: printed when the run starts, kept in the run record
 
     def index(self, name: str, flag: str) -> int:
         names = [s.name for s in self.stages]
@@ -147,7 +150,7 @@ def load_recipe(recipe_dir: str | os.PathLike, accelerate_config: str | None = N
             )
         )
     output_dir = Path(raw.get("output_dir") or Path("outputs") / name)
-    return Recipe(name, folder, output_dir, stages, cfg.env)
+    return Recipe(name, folder, output_dir, stages, cfg.env, str(raw.get("description") or ""))
 
 
 def _earlier_stage(ref, key: str, stages: list[StageSpec], stages_raw: list, where: str) -> str | None:
@@ -229,7 +232,8 @@ def route_overrides(
     """Splits `key=value` / `stage.key=value` overrides per stage.
 
     `accepted` maps each selected stage to the keys it takes; a stage in `stage_names` but not in `accepted` is
-    not selected, so its scoped overrides are dropped.
+    not selected, so its scoped overrides are dropped. An unscoped `hub_model_id=user/x` gives each stage its own
+    repo, `user/x-<stage>`: one repo for all would hold only the last stage's push.
     """
     routed: dict[str, list[str]] = {name: [] for name in accepted}
     for raw in overrides:
@@ -246,9 +250,11 @@ def route_overrides(
         head, dot, rest = key.partition(".")
         if "output_dir" in (head, rest.partition(".")[0]):
             raise QuillError(f"{where}: output_dir is set by the recipe", "use --output-dir to move the whole run")
+        own_repo = False  # scoped, the id is the user's exactly
         if dot and head in stage_names:
             targets, key = [head], rest
         else:
+            own_repo = key == "hub_model_id" and value.strip() not in ("", "null", "~")  # unset stays unset
             targets = [name for name, keys in accepted.items() if head in keys]
             if not targets:
                 guess = did_you_mean(head, list(stage_names)) if dot else None
@@ -262,8 +268,21 @@ def route_overrides(
         for name in (t for t in targets if t in accepted):  # a stage that does not run this time takes nothing
             if key.partition(".")[0] not in accepted[name]:
                 raise unknown_key_error(key.partition(".")[0], sorted(accepted[name]), f"{where}: stage '{name}'")
-            routed[name].append(f"{key}={value}")
+            routed[name].append(f"{key}={_stage_repo(value, name, where) if own_repo else value}")
     return routed
+
+
+def _stage_repo(repo_id: str, stage: str, where: str) -> str:
+    """`user/x` for stage `sft` is `user/x-sft`; a stage name the Hub cannot take in an id is refused here."""
+    repo = f"{repo_id}-{stage}"
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise QuillError(
+            f"{where}: stage '{stage}' would push to '{repo}', which is not a Hub repo id",
+            f"scope it: {stage}.hub_model_id=user/name",
+        ) from None
+    return repo
 
 
 def plan_recipe(

@@ -67,6 +67,8 @@ def run_recipe(
 
 def _run_plans(recipe: Recipe, out: Path, plans: list[StagePlan], overrides: list[str], debug: bool) -> list[StageRun]:
     print(f"quill: recipe '{recipe.name}' -> {display_path(out)} ({', '.join(p.spec.name for p in plans)})", flush=True)
+    if recipe.description:
+        print(f"quill: {recipe.description}", flush=True)
     results = [StageRun(p.spec.name, "not run") for p in plans]
     record = run_record(recipe, out, plans, overrides)
     current, started = None, time.monotonic()
@@ -142,6 +144,7 @@ def run_record(recipe: Recipe, out: Path, plans: list[StagePlan], overrides: lis
     return {
         "recipe": str(recipe.path),
         "name": recipe.name,
+        "description": recipe.description,
         "recipe_yaml": (recipe.path / RECIPE_FILE).read_text(encoding="utf-8"),
         "output_dir": str(out),
         "started_at": _now(),

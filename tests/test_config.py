@@ -347,6 +347,7 @@ def make_recipe(root: Path, recipe_yaml: str, configs: dict[str, str] | None = N
 
 FULL_RECIPE = """
 name: fake
+description: a recipe of fake stages for the planner's tests
 stages:
   - {name: tokenizer, module: fake_tokenizer, config: tok.yaml}
   - {name: pretrain,  module: fake_stage, config: pretrain.yaml}
@@ -394,6 +395,32 @@ def test_plan_injects_paths_and_routes_overrides(full_recipe, tmp_path):
     rl = argv_of(plans, "rl")
     assert "reward_model_path=out/reward" in rl and not any(a.startswith("model_name_or_path=") for a in rl)
     assert all(not p.skip for p in plans)
+
+
+def hub_ids(argv):
+    """The hub_model_id values in a stage's argv, in order (the last one wins)."""
+    return [a.partition("=")[2] for a in argv if a.startswith("hub_model_id=")]
+
+
+def test_unscoped_hub_model_id_gives_each_stage_its_own_repo(full_recipe, tmp_path):
+    recipe = load_recipe(full_recipe)
+    plans = plan_recipe(recipe, tmp_path / "out", overrides=["push_to_hub=true", "hub_model_id=user/x"])
+    assert {p.spec.name: hub_ids(p.argv) for p in plans} == {
+        name: [f"user/x-{name}"] for name in ("tokenizer", "pretrain", "sft", "reward", "rl")
+    }
+    # Scoped, the id is used as written, and wins over the unscoped one for that stage.
+    plans = plan_recipe(recipe, tmp_path / "out", overrides=["push_to_hub=true", "sft.hub_model_id=user/x"])
+    assert {p.spec.name: hub_ids(p.argv) for p in plans if hub_ids(p.argv)} == {"sft": ["user/x"]}
+    overrides = ["push_to_hub=true", "hub_model_id=user/x", "sft.hub_model_id=user/exact"]
+    plans = plan_recipe(recipe, tmp_path / "out", overrides=overrides)
+    assert hub_ids(argv_of(plans, "sft")) == ["user/x-sft", "user/exact"]  # scoped comes later, so it wins
+    assert hub_ids(argv_of(plans, "rl")) == ["user/x-rl"]
+    *_, output = build_stage_args(sys.modules["fake_stage"].ARG_TYPES, argv_of(plans, "sft"))
+    assert output.hub_model_id == "user/exact"
+    # Unset stays unset; a stage name the Hub cannot take in an id is refused in one line.
+    assert route_overrides(["hub_model_id=null"], ["sft"], {"sft": {"hub_model_id"}}) == {"sft": ["hub_model_id=null"]}
+    message = error_of(route_overrides, ["hub_model_id=user/x"], ["my stage"], {"my stage": {"hub_model_id"}})
+    assert "stage 'my stage' would push to 'user/x-my stage', which is not a Hub repo id" in message
 
 
 def test_route_overrides_errors():
@@ -483,6 +510,9 @@ def test_run_recipe_skips_finished_stages_and_overwrites(full_recipe, tmp_path, 
     assert read_stage_done(out / "sft")["seen"] == seen and reports == [out.resolve()]
     record = json.loads((out / "quill_run.json").read_text())
     assert [s["status"] for s in record["stages"]] == ["ran", "ran", "ran"]
+    # The recipe's description is read: printed as the run starts and kept in the run record.
+    assert record["description"] == "a recipe of fake stages for the planner's tests"
+    assert "quill: a recipe of fake stages for the planner's tests" in capsys.readouterr().out
 
     results = run_recipe(full_recipe, output_dir=out, until_stage="sft")
     assert [r.status for r in results] == ["skipped"] * 3

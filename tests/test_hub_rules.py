@@ -4,9 +4,13 @@ and a refusal (4xx other than 429) fails at once with one line."""
 
 from __future__ import annotations
 
-import hub_card_rules
+import json
 
-from quill.hub import model_card
+import hub_card_rules
+import pytest
+from huggingface_hub import ModelCardData
+
+from quill.hub import is_hub_id, model_card
 
 LOCAL_CARD = "---\nlibrary_name: transformers\nbase_model: /home/me/runs/pretrain\ndatasets:\n- ./data/sft.jsonl\n---\n"
 
@@ -68,3 +72,65 @@ def test_hub_revision_pushes_to_that_branch(hub_server, tmp_path):
     hub_server.run_python(PUSH, str(folder), "user/branched", "0", "dev")
     repo = hub_server.server.store.get("model", "user/branched")
     assert "config.json" in repo.resolve("dev").files and "config.json" not in repo.resolve("main").files
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["org/model-", "org/model.", "a--b/c", "org/m", "m", "org/m.v1_2", "-org/m", "a..b", "a/b/c", "m.git", "x" * 97],
+)
+def test_is_hub_id_agrees_with_the_hubs_rules(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no local file or folder of any of these names
+    assert is_hub_id(name) == hub_card_rules.is_repo_id(name), name
+
+
+def test_a_local_folder_is_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "m").mkdir(parents=True)  # the library cannot know this: loading would pick the folder
+    assert hub_card_rules.is_repo_id("org/m") and not is_hub_id("org/m")
+    assert not is_hub_id(None)
+
+
+def test_card_front_matter_is_what_model_card_data_writes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stage = "sft: v2 #1"  # a custom stage name that hand-written YAML would turn into a mapping and a comment
+    card = model_card(stage=stage, base_model="gpt2", datasets=["org/data", "./local", "quill:default/x"], metrics={})
+    expected = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["quill", stage],
+        base_model="gpt2",
+        datasets=["org/data"],
+    )
+    assert hub_card_rules.front_matter(card) == expected.to_dict()
+    assert hub_card_rules.validate(card)[0] == []
+    # Local sources only: neither key is written, and the body says so without the paths.
+    card = model_card(
+        stage="reward", base_model="org/model-", datasets=["./local"], metrics={"acc": 0.5}, classifier=True
+    )
+    assert hub_card_rules.front_matter(card) == {
+        "library_name": "transformers",
+        "pipeline_tag": "text-classification",
+        "tags": ["quill", "reward"],
+    }
+    assert "| acc | 0.5 |" in card and 'pipeline("text-classification"' in card and "./local" not in card
+
+
+def test_only_the_main_process_pushes_the_tokenizer(tmp_path, monkeypatch):
+    from quill.options import parse_stage_args
+    from quill.stages import tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    text = "".join(
+        json.dumps({"text": f"line {i}: the quick brown fox jumps over {7 * i} lazy dogs"}) + "\n" for i in range(60)
+    )
+    (tmp_path / "d.jsonl").write_text(text)
+    argv = ["dataset_mixture=[d.jsonl]", "eval_size=10", "vocab_size=300", "min_frequency=1", "output_dir=tok"]
+    argv += ["push_to_hub=true", "hub_model_id=user/tok"]
+    pushed = []
+    monkeypatch.setattr(tokenizer, "push_stage", lambda folder, output, name: pushed.append(output.hub_model_id))
+    monkeypatch.setattr(tokenizer, "is_main_process", lambda: False)  # another rank of a launched run
+    tokenizer.train(*parse_stage_args(tokenizer.ARG_TYPES, argv))
+    assert pushed == []
+    monkeypatch.setattr(tokenizer, "is_main_process", lambda: True)
+    tokenizer.train(*parse_stage_args(tokenizer.ARG_TYPES, argv))
+    assert pushed == ["user/tok"]

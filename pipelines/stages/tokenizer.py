@@ -68,7 +68,7 @@ def train(data_args: DataArguments, args: TokenizerConfig, output: OutputArgumen
         if is_main_process():
             finish_folder(out, write_files, {"stage": "tokenizer", "fingerprint": fingerprint}, weights=False)
     log(f"tokenizer: {metrics['vocab_size']} tokens, {metrics['bytes_per_token']:.2f} bytes/token -> {out}")
-    if output.push_to_hub:
+    if output.push_to_hub and is_main_process():  # one push, from the process that wrote the folder
         push_stage(out, output, "tokenizer")
     return metrics
 
