@@ -1,7 +1,13 @@
 """Load what a stage starts from: the tokenizer, and the model (a checkpoint, a Hub id, or a fresh Quill config),
-with its LoRA adapter config and 4/8-bit quantization built by TRL's own helpers from the model arguments."""
+with its LoRA adapter config and 4/8-bit quantization built by TRL's own helpers from the model arguments.
 
+Every model a stage computes with is loaded here and placed on the training device (`place`): the trained policy,
+and the models used outside the Trainer (`load_for_inference`: reward model, judge, reference, the policy's sampling
+copy, `quill eval`'s model), so none of them runs on the CPU in fp32 beside a GPU trainer."""
+
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -13,6 +19,7 @@ from quill.model import QuillConfig, QuillForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 CAUSAL_LM, CLASSIFIER = "causal-lm", "classifier"
+POLICY = "policy"  # the model a stage trains; every other kind is a frozen model used outside the Trainer
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
@@ -42,11 +49,13 @@ def check_model_path(path: str) -> None:
     )
 
 
-def load_model(model_args, tokenizer, task: str = CAUSAL_LM):
-    """Load `model_args.model_name_or_path`, or build a fresh Quill from `model_args.model_config` (pretraining)."""
+def load_model(model_args, tokenizer, task: str = CAUSAL_LM, kind: str = POLICY):
+    """Load `model_args.model_name_or_path`, or build a fresh Quill from `model_args.model_config` (pretraining),
+    placed on the training device (see `place`; `kind` says what the model is for)."""
     dtype = DTYPES[getattr(model_args, "dtype", None) or "float32"]
     attn = getattr(model_args, "attn_implementation", None)
     if not model_args.model_name_or_path:
+        quantization_config(model_args)  # refuses 4/8-bit here: a fresh model has no pretrained weights to quantize
         if task != CAUSAL_LM:
             raise QuillError("a reward model needs model_name_or_path", "start it from the SFT stage's output")
         if "vocab_size" in (model_args.model_config or {}):
@@ -64,7 +73,7 @@ def load_model(model_args, tokenizer, task: str = CAUSAL_LM):
         model = QuillForCausalLM(config)
         if attn:
             model.set_attn_implementation(attn)
-        return model.to(dtype) if dtype != "auto" else model
+        return place(model.to(dtype) if dtype != "auto" else model, kind)
 
     path = model_args.model_name_or_path
     check_model_path(path)
@@ -90,7 +99,56 @@ def load_model(model_args, tokenizer, task: str = CAUSAL_LM):
     check_tokenizer_fits(model, tokenizer, path)
     if task != CAUSAL_LM:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return place(model, kind)
+
+
+def load_for_inference(path: str, model_args, kind: str, tokenizer, task: str = CAUSAL_LM):
+    """A model a stage computes with outside its Trainer (`kind`: reward, judge, reference, teacher, sampler, eval),
+    in eval mode on the training device, with the dtype and attention backend of the stage's model arguments
+    (`model_args` None: float32, the model's default attention). Its revision applies only to the stage's own
+    model; LoRA and 4/8-bit are the trained model's, never a frozen helper's."""
+    same = model_args is not None and path == model_args.model_name_or_path
+    args = SimpleNamespace(
+        model_name_or_path=path,
+        model_config=None,
+        dtype=getattr(model_args, "dtype", None) or "float32",
+        attn_implementation=getattr(model_args, "attn_implementation", None),
+        model_revision=model_args.model_revision if same else None,
+        trust_remote_code=bool(getattr(model_args, "trust_remote_code", False)),
+        load_in_4bit=False,
+        load_in_8bit=False,
+    )
+    return load_model(args, tokenizer, task=task, kind=kind).eval()
+
+
+def training_device():
+    """The device this process trains on: accelerate's, which the stage's TrainingArguments set up when parsed
+    (cuda:LOCAL_RANK on a GPU, cpu with use_cpu or without one), so the Trainer uses the same."""
+    from accelerate.state import PartialState
+
+    return PartialState().device
+
+
+def place(model, kind: str):
+    """Move `model` to `training_device()`, except where something else owns its placement:
+
+    - loaded with a device_map (4/8-bit, or spread over devices): already placed, and bitsandbytes weights refuse
+      `.to()`;
+    - ZeRO-3: from_pretrained partitioned the weights at load (zero.Init), and `.to()` would move empty shards;
+    - the trained policy under FSDP: the Trainer leaves it where it is and FSDP shards it from there (loading the
+      full model onto every GPU first is what sharding avoids). Frozen helpers are nobody's to shard: they move.
+    The Trainer moves the policy to the same device itself; placing it now means what a stage computes with it
+    before the Trainer exists (RL's start eval, pair building) already runs there."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if getattr(model, "hf_device_map", None) or getattr(model, "hf_quantizer", None) is not None:
+        return model
+    if is_deepspeed_zero3_enabled():
+        return model
+    # How quill.stages.distributed detects an FSDP launch (accelerate and TrainingArguments(fsdp=...) both set it).
+    if kind == POLICY and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return model
+    return model.to(training_device())
 
 
 def check_tokenizer_fits(model, tokenizer, where: str) -> None:

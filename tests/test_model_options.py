@@ -136,6 +136,14 @@ def test_options_that_would_do_nothing_are_refused(overrides, expected):
     assert expected in message and "\n" not in message and "fix:" in message
 
 
+@pytest.mark.parametrize("bits", ["load_in_4bit", "load_in_8bit"])
+def test_quantizing_a_model_built_from_scratch_is_refused(checkpoint, bits):
+    # It used to train in full precision without a word: the scratch path returned before the check.
+    _, tokenizer = checkpoint
+    with pytest.raises(QuillError, match="4/8-bit loading applies to a pretrained checkpoint"):
+        load_model(model_args("model_config={depth: 1}", f"{bits}=true"), tokenizer)
+
+
 def test_model_config_vocab_size_is_refused(checkpoint):
     _, tokenizer = checkpoint
     with pytest.raises(QuillError, match="model_config.vocab_size is set"):

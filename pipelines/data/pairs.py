@@ -17,6 +17,7 @@ candidates of a prompt together; the pair is kept only when the labeller prefers
 
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -219,23 +220,23 @@ def build_pairs(
     return pairs, stats
 
 
-def make_labeller(kind: str, model_path: str | None, trust_remote_code: bool = False):
-    """The labeller a stage config names: 'scorer' (no model), 'reward_model' or 'judge' (a folder or Hub id)."""
+def make_labeller(kind: str, model_path: str | None, trust_remote_code: bool = False, model_args=None):
+    """The labeller a stage config names: 'scorer' (no model), 'reward_model' or 'judge' (a folder or Hub id), its
+    model on the training device in the dtype and attention backend of `model_args` (the stage's; None: float32)."""
     if kind not in LABELLERS:
         raise QuillError(f"pair_labeller must be one of {', '.join(LABELLERS)}, found {kind!r}", "pick one of them")
     if kind == "scorer":
         return TaskScorer()
     if not model_path:
         raise QuillError(f"pair_labeller {kind} needs labeller_model", "set labeller_model to a model folder or Hub id")
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from quill.loading import check_model_path, load_tokenizer
+    from quill.loading import CAUSAL_LM, CLASSIFIER, check_model_path, load_for_inference, load_tokenizer
 
     check_model_path(model_path)
-    auto = AutoModelForSequenceClassification if kind == "reward_model" else AutoModelForCausalLM
-    extra = {"num_labels": 1} if kind == "reward_model" else {}
-    model = auto.from_pretrained(model_path, trust_remote_code=trust_remote_code, **extra).eval()
     tokenizer = load_tokenizer(model_path, trust_remote_code)
+    task = CLASSIFIER if kind == "reward_model" else CAUSAL_LM
+    if model_args is None:
+        model_args = SimpleNamespace(model_name_or_path=None, trust_remote_code=trust_remote_code)
+    model = load_for_inference(model_path, model_args, "reward" if kind == "reward_model" else "judge", tokenizer, task)
     return RewardModelLabeller(model, tokenizer) if kind == "reward_model" else JudgeLabeller(model, tokenizer)
 
 
@@ -282,9 +283,16 @@ class PolicyPairArguments:
 
 
 def policy_pairs(
-    stage_name: str, model, tokenizer, splits: dict, args: PolicyPairArguments, trust_remote_code: bool = False
+    stage_name: str,
+    model,
+    tokenizer,
+    splits: dict,
+    args: PolicyPairArguments,
+    trust_remote_code: bool = False,
+    model_args=None,
 ) -> tuple[list, list, PairStats]:
-    """Train and held-out pairs from `model`'s answers to a stage's prompt splits, and the train build's stats."""
+    """Train and held-out pairs from `model`'s answers to a stage's prompt splits, and the train build's stats.
+    `model_args` (the stage's) give the labeller model its dtype and attention backend."""
     columns = splits["train"].column_names
     if args.pair_labeller == "scorer" and not {"task", "answer"} <= set(columns):
         raise QuillError(
@@ -292,7 +300,7 @@ def policy_pairs(
             f"columns (as quill:default/rl_train has), found columns {columns}",
             "use such prompts, or pairs_from: dataset for chosen/rejected data",
         )
-    labeller = make_labeller(args.pair_labeller, args.labeller_model, trust_remote_code)
+    labeller = make_labeller(args.pair_labeller, args.labeller_model, trust_remote_code, model_args)
     built = {}
     for name in ("train", "eval"):
         built[name] = build_pairs(

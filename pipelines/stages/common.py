@@ -9,7 +9,6 @@ A stage file builds its datasets and its (TRL or HF) trainer; everything before 
 
 import contextlib
 import math
-import os
 import shutil
 import sys
 import time
@@ -56,7 +55,12 @@ warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecate
 
 
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    """Accelerate's answer, launched or not (a plain `python -m` run is its main process). ACCELERATE_USE_CPU is passed
+    as Accelerator and Trainer do, so a CPU launch on a GPU machine does not set up a GPU process group first."""
+    from accelerate.state import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process
 
 
 def log(msg: str) -> None:
@@ -160,7 +164,7 @@ def pair_source(stage: str, data_args, args) -> str:
     return args.pairs_from
 
 
-def preference_data(stage: str, data_args, args, policy, tokenizer, trust_remote_code: bool):
+def preference_data(stage: str, data_args, args, policy, tokenizer, model_args):
     """(train set, held-out pairs, pair metrics) for a DPO or reward stage: the dataset's chosen/rejected pairs, or
     with `pairs_from: policy` pairs built now from `policy`'s own answers to the dataset's prompts."""
     if pair_source(stage, data_args, args) != "policy":
@@ -173,7 +177,9 @@ def preference_data(stage: str, data_args, args, policy, tokenizer, trust_remote
             f"{stage} with pairs_from: policy builds pairs from prompts, and {e.problem}",
             "give prompt rows (as quill:default/rl_train has), or set pairs_from: dataset for chosen/rejected pairs",
         ) from None
-    train_pairs, eval_pairs, stats = policy_pairs(stage, policy, tokenizer, splits, args, trust_remote_code)
+    train_pairs, eval_pairs, stats = policy_pairs(
+        stage, policy, tokenizer, splits, args, model_args.trust_remote_code, model_args=model_args
+    )
     log(f"{stage}: {stats.describe()}")
     return Dataset.from_list(train_pairs), eval_pairs, stats.as_metrics()
 

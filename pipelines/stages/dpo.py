@@ -101,7 +101,7 @@ def train(
         return stage.metrics
     task_rows = load_task_eval(data_args)
     train_set, eval_pairs, pair_metrics = preference_data(
-        "dpo", data_args, args, stage.model, stage.tokenizer, model_args.trust_remote_code
+        "dpo", data_args, args, stage.model, stage.tokenizer, model_args
     )
     report_overlong("dpo", train_set, stage.tokenizer, args.max_length)
     if args.control and not task_rows:
@@ -159,7 +159,7 @@ def metric_reference(trainer, stage, start, zero3: bool, peft: bool):
     if zero3:
         from trl.models import prepare_deepspeed
 
-        return prepare_deepspeed(load_model(stage.model_args, stage.tokenizer), trainer.accelerator)
+        return prepare_deepspeed(load_model(stage.model_args, stage.tokenizer, kind="reference"), trainer.accelerator)
     return start.to(trainer.accelerator.device)
 
 

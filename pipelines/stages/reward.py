@@ -20,14 +20,13 @@ measured where RL needs it: on `agreement_samples` sampled answers of the policy
 from dataclasses import dataclass, field
 
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
 from trl import RewardConfig, RewardTrainer
 
 from quill.arguments import DataArguments, ModelArguments, OutputArguments
 from quill.data.pairs import PolicyPairArguments
 from quill.errors import run_guarded
 from quill.heldout import evaluate_policy
-from quill.loading import CLASSIFIER
+from quill.loading import CLASSIFIER, load_for_inference
 from quill.metrics import reward_preference_accuracy
 from quill.options import parse_stage_args
 from quill.rewards import reward_model_agreement
@@ -81,14 +80,10 @@ def train(
     policy, on_policy = None, None
     if pair_source("reward", data_args, args) == "policy" or task_rows:
         # The same checkpoint as a causal LM: the policy whose answers the reward model will rank.
-        policy = AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
-        ).eval()
+        policy = load_for_inference(model_args.model_name_or_path, model_args, "sampler", stage.tokenizer)
         if task_rows:
             on_policy = policy_samples(policy, stage.tokenizer, task_rows, args)
-    train_set, pairs, pair_metrics = preference_data(
-        "reward", data_args, args, policy, stage.tokenizer, model_args.trust_remote_code
-    )
+    train_set, pairs, pair_metrics = preference_data("reward", data_args, args, policy, stage.tokenizer, model_args)
     policy = None  # not needed for training
     report_overlong("reward", train_set, stage.tokenizer, args.max_length)
     trainer = RewardTrainer(

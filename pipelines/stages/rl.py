@@ -21,7 +21,7 @@ from trl import GRPOConfig, GRPOTrainer
 from quill.arguments import DataArguments, ModelArguments, OutputArguments
 from quill.errors import QuillError, run_guarded
 from quill.heldout import SAMPLES, EvalArguments, compare_to_start, describe, headroom_warning
-from quill.loading import check_model_path, load_tokenizer
+from quill.loading import CLASSIFIER, check_model_path, load_for_inference, load_tokenizer
 from quill.options import parse_stage_args
 from quill.rewards import ScaledRewardModel, TaskReward, learnable_prompts, reward_model_agreement, use_reward_model
 from quill.stages.common import load_stage_data, load_task_eval, log, run_stage, start_stage
@@ -92,13 +92,10 @@ def reward_functions(args: RLConfig, model_args, start: dict, task_rows: list[di
     if args.verifiable_reward:
         funcs.append(TaskReward(args.num_generations))
     if args.reward_model_path:
-        from transformers import AutoModelForSequenceClassification
-
         check_model_path(args.reward_model_path)
         tokenizer = load_tokenizer(args.reward_model_path, model_args.trust_remote_code)
-        reward_model = AutoModelForSequenceClassification.from_pretrained(
-            args.reward_model_path, num_labels=1, trust_remote_code=model_args.trust_remote_code
-        ).eval()
+        # On the training device: it scores every GRPO batch, and TRL prepares only reward models it loads itself.
+        reward_model = load_for_inference(args.reward_model_path, model_args, "reward", tokenizer, task=CLASSIFIER)
         rows = task_rows[: len(start[SAMPLES])]
         agreement = reward_model_agreement(reward_model, tokenizer, rows, start[SAMPLES], start["_sample_correct"])
         used, why = use_reward_model(agreement, args.reward_model_min_agreement)
@@ -153,7 +150,8 @@ def train(
     if not eval_args.eval_samples:
         eval_args.eval_samples = args.num_generations  # headroom and agreement need samples
     # The start policy on held-out prompts, sampled at the rollout temperature; taken before the trainer exists
-    # because it decides the rewards.
+    # because it decides the rewards. start_stage has already placed the policy on the training device
+    # (quill.loading.place), so this sampling runs where GRPO will.
     start = eval_args.evaluate(stage.model, stage.tokenizer, task_rows, temperature=args.temperature, seed=args.seed)
     warning = headroom_warning(start)
     if warning:

@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
 from quill.errors import QuillError, one_line, run_guarded
-from quill.loading import CAUSAL_LM, CLASSIFIER, check_model_path, load_model, load_tokenizer
+from quill.loading import CAUSAL_LM, CLASSIFIER, check_model_path, load_for_inference, load_tokenizer
 from quill.metrics import (
     dpo_preference_accuracy,
     generate_completions,
@@ -127,17 +125,9 @@ def stage_info(path: str) -> tuple[str | None, str | None]:
 
 
 def load_on_device(path: str, tokenizer, task: str, trust_remote_code: bool):
-    args = SimpleNamespace(
-        model_name_or_path=path,
-        dtype="float32",
-        attn_implementation=None,
-        model_revision=None,
-        trust_remote_code=trust_remote_code,
-        load_in_4bit=False,
-        load_in_8bit=False,
-    )
-    model = load_model(args, tokenizer, task=task)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    """The model in float32 on this process's device (accelerate's: the GPU when there is one), as stages place it."""
+    args = SimpleNamespace(model_name_or_path=None, trust_remote_code=trust_remote_code)
+    return load_for_inference(path, args, "eval", tokenizer, task=task)
 
 
 def evaluate_model(
