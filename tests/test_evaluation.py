@@ -171,22 +171,40 @@ def test_preference_metrics_match_unbatched_scores(ckpt, loaded, tmp_path):
     reference = QuillForCausalLM.from_pretrained(make_checkpoint(tmp_path / "ref", seed=1)).eval()
     metrics = evaluation.dpo_preference_accuracy(policy, reference, tok, pairs, beta=0.5, batch_size=3)
 
-    def logp(model, pair, side):  # one example, no padding
-        p, chosen, rejected = evaluation.preference_ids(tok, pair)
-        c = chosen if side == "chosen" else rejected
+    def split(pair, side):
+        """(prompt ids, answer ids) by hand: the chat template renders the prompt (with the assistant's opening) and
+        the whole conversation; the answer is every token of the conversation after the prompt's."""
+        prompt = tok.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
+        whole = tok.apply_chat_template(pair["prompt"] + pair[side], tokenize=False)
+        assert whole.startswith(prompt)
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = tok(whole, add_special_tokens=False)["input_ids"]
+        assert ids[: len(p)] == p
+        assert tok.decode(ids[len(p) :]) == pair[side][0]["content"] + END + "\n"  # the answer and its end of turn
+        return p, ids[len(p) :]
+
+    def logp(model, prompt, answer):
+        """log p(answer | prompt) with plain torch: one sequence, no padding; token t is scored by the log-softmax
+        of the logits at position t - 1."""
+        ids = prompt + answer
         with torch.no_grad():
-            logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
-        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).sum().item()
+            logits = model(torch.tensor([ids])).logits[0].float()
+        return sum(torch.log_softmax(logits[t - 1], -1)[ids[t]].item() for t in range(len(prompt), len(ids)))
+
+    hand = {side: [split(x, side) for x in pairs] for side in ("chosen", "rejected")}
+    # The metric scores the same split: one prompt, each answer from the assistant's first token to its end of turn.
+    assert [evaluation.preference_ids(tok, x) for x in pairs] == [
+        (p, chosen, rejected) for (p, chosen), (_, rejected) in zip(hand["chosen"], hand["rejected"], strict=True)
+    ]
+    # Each answer's summed log-probability, batched (3 + 1 rows of different lengths, padded), equals the hand sum.
+    for side, examples in hand.items():
+        with torch.no_grad():
+            batched = evaluation.completion_logps(policy, tok, examples, batch_size=3).tolist()
+        assert batched == pytest.approx([logp(policy, p, a) for p, a in examples], rel=1e-4, abs=1e-4), side
 
     margins = [
-        0.5
-        * (
-            logp(policy, x, "chosen")
-            - logp(reference, x, "chosen")
-            - logp(policy, x, "rejected")
-            + logp(reference, x, "rejected")
-        )
-        for x in pairs
+        0.5 * (logp(policy, *c) - logp(reference, *c) - logp(policy, *r) + logp(reference, *r))
+        for c, r in zip(hand["chosen"], hand["rejected"], strict=True)
     ]
     assert metrics["dpo_reward_margin"] == pytest.approx(sum(margins) / 4, rel=1e-4, abs=1e-5)
     assert metrics["dpo_reward_accuracy"] == sum(m > 0 for m in margins) / 4

@@ -9,6 +9,8 @@ import json
 import math
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from tiny_outputs import pretrain_argv, run_quill
@@ -114,6 +116,23 @@ def test_failed_push_retries_then_one_line_error_and_local_folder_is_complete(
     for path in out.rglob("*"):
         if path.is_file():
             assert token.encode() not in path.read_bytes(), path
-    assert "x" in (out / "README.md").read_text()
     pickles = [p.name for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
     assert pickles == []
+
+    # The fix works and the card is user/x's: once the Hub answers again, `hf upload` of the folder as it is passes
+    # the Hub's check of the card's metadata, and the card's usage example, run as written, loads the model from
+    # user/x and answers.
+    hub_server.set_mode("ok")
+    upload = subprocess.run(
+        [str(Path(sys.executable).with_name("hf")), "upload", "user/x", str(out), "."],
+        env=hub_server.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert upload.returncode == 0, upload.stdout + upload.stderr
+    example = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S)
+    assert example, "the card shows no usage example"
+    ran = hub_server.run_python(example.group(1))
+    assert "generated_text" in ran.stdout, ran.stdout
+    assert hub_server.requests("GET", "/user/x/resolve/"), "the example did not load the model from user/x"

@@ -1,15 +1,22 @@
 """Quill model: backends agree, packed rows stay separate, generation, checkpointing, save/load, PEFT, TRL."""
 
 import copy
+import warnings
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+import transformers
+from packaging.version import Version
+from transformers import AutoModelForCausalLM, DynamicCache
 
+import quill.model.modeling_quill as modeling_quill
 from quill.model import PACKED_ATTENTION, QuillConfig, QuillForCausalLM, QuillForSequenceClassification
 from quill.model.kernels_quill import SHORT_DOCUMENT_LEN, DocumentLayout
 
+# "sdpa" is Quill's default and its packing-aware path; PACKED_ATTENTION ("quill_sdpa") names that kernel alone.
 BACKENDS = ["eager", "sdpa", PACKED_ATTENTION]
+# transformers 5.24 renamed the KV-cache argument past_key_values -> cache; before that past_key_values is the name.
+CACHE_RENAMED = Version(transformers.__version__).release >= (5, 24)
 
 
 def tiny_config(**overrides) -> QuillConfig:
@@ -29,10 +36,12 @@ def tiny_config(**overrides) -> QuillConfig:
     return QuillConfig(**fields)
 
 
-def tiny_model(attn=PACKED_ATTENTION, seed=0, **overrides) -> QuillForCausalLM:
+def tiny_model(attn=None, seed=0, **overrides) -> QuillForCausalLM:
+    """attn None: the default attention, as a user gets it (sdpa)."""
     torch.manual_seed(seed)
     model = QuillForCausalLM(tiny_config(**overrides))
-    model.set_attn_implementation(attn)
+    if attn is not None:
+        model.set_attn_implementation(attn)
     return model.eval()
 
 
@@ -113,7 +122,7 @@ def test_document_in_packed_row_matches_document_alone_with_default_use_cache(at
 def test_packed_documents_through_trl_padding_free_collator():
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    model = tiny_model(PACKED_ATTENTION)
+    model = tiny_model()  # the default, sdpa
     docs, _, _ = packed_row([11, 6, 37, 19])
     batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
         [{"input_ids": d.tolist()} for d in docs]
@@ -144,6 +153,135 @@ def test_document_layout_covers_every_token_once():
         assert max(widths) == gather.shape[1] <= SHORT_DOCUMENT_LEN and gather.shape[1] <= 2 * min(widths)
     assert sorted(covered) == list(range(ids.numel()))
     assert DocumentLayout.from_position_ids(torch.arange(10)[None], batch=3) is None
+
+
+def test_default_attention_is_sdpa_when_built_and_when_loaded(tmp_path):
+    """transformers' convention (and its common model tests): no attn_implementation means "sdpa"."""
+    model = QuillForCausalLM(tiny_config())
+    assert model.config._attn_implementation == "sdpa"
+    assert AutoModelForCausalLM.from_config(tiny_config()).config._attn_implementation == "sdpa"
+    assert QuillForSequenceClassification(tiny_config(num_labels=1)).config._attn_implementation == "sdpa"
+    model.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+    assert QuillForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+    for attn in ("eager", PACKED_ATTENTION):  # a name asked for still wins
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=attn)
+        assert loaded.config._attn_implementation == attn
+
+
+def record_attention(monkeypatch) -> dict:
+    """Every SDPA call's (query length, key length, mask), every mask Quill builds, every packed-kernel call."""
+    seen = {"sdpa": [], "masks": [], "packed": 0}
+    sdpa, create, packed = (
+        torch.nn.functional.scaled_dot_product_attention,
+        modeling_quill.create_causal_mask,
+        modeling_quill.packed_sdpa_attention_forward,
+    )
+
+    def spy_sdpa(query, key, value, attn_mask=None, *args, **kwargs):
+        seen["sdpa"].append((query.shape[-2], key.shape[-2], attn_mask))
+        return sdpa(query, key, value, attn_mask, *args, **kwargs)
+
+    def spy_mask(*args, **kwargs):
+        seen["masks"].append(create(*args, **kwargs))
+        return seen["masks"][-1]
+
+    def spy_packed(*args, **kwargs):
+        seen["packed"] += 1
+        return packed(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_sdpa)
+    monkeypatch.setattr(modeling_quill, "create_causal_mask", spy_mask)
+    monkeypatch.setattr(modeling_quill, "packed_sdpa_attention_forward", spy_packed)
+    return seen
+
+
+def test_sdpa_attends_packed_rows_per_document_and_everything_else_the_stock_way(monkeypatch):
+    model = tiny_model()  # the default: sdpa
+    layers = model.config.num_hidden_layers
+    lengths = [7, 23, 4, 45]
+    _, ids, pos = packed_row(lengths)
+    dense = torch.randint(3, 101, (2, 20))
+    padding = torch.ones_like(dense)
+    padding[0, :5] = 0
+    with torch.no_grad():
+        # Packed row: no mask built at all, SDPA runs per document (45 alone, the short ones in buckets), unmasked.
+        seen = record_attention(monkeypatch)
+        model(ids, position_ids=pos)
+        assert seen["masks"] == [] and seen["packed"] == layers
+        assert all(mask is None for _, _, mask in seen["sdpa"])
+        assert max(q for q, _, _ in seen["sdpa"]) == max(lengths) < ids.shape[1]
+
+        # One document per row: transformers' stock sdpa, the causal kernel over the whole row, no mask.
+        seen = record_attention(monkeypatch)
+        cache = DynamicCache(config=model.config)
+        model(dense, cache=cache, use_cache=True)
+        assert seen["masks"] == [None] and seen["packed"] == 0
+        assert [(q, k, mask) for q, k, mask in seen["sdpa"]] == [(20, 20, None)] * layers
+
+        # Padding mask: the stock path with transformers' mask.
+        seen = record_attention(monkeypatch)
+        model(dense, attention_mask=padding)
+        assert len(seen["masks"]) == 1 and seen["masks"][0] is not None and seen["packed"] == 0
+        assert all(mask is not None and (q, k) == (20, 20) for q, k, mask in seen["sdpa"])
+
+        # Decoding with a KV cache: the stock path, one query against the cached keys.
+        seen = record_attention(monkeypatch)
+        model(dense[:, :1], cache=cache, use_cache=True)
+        assert seen["packed"] == 0 and [(q, k) for q, k, _ in seen["sdpa"]] == [(1, 21)] * layers
+
+
+def test_packed_rows_stay_apart_under_torch_compile():
+    """Under torch.compile finding documents is data-dependent control flow, so sdpa leaves packed rows to
+    transformers' block mask there: no graph break (fullgraph=True), and the logits of the per-document path."""
+    model = tiny_model()
+    _, ids, pos = packed_row([7, 23, 40])
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # dynamo only: seconds, not inductor's minutes
+    with torch.no_grad():
+        assert max_diff(compiled(ids, position_ids=pos).logits, model(ids, position_ids=pos).logits) <= 1e-5
+
+
+def calls_and_warnings(call):
+    """call()'s result, and the warnings it gave that name `past_key_values`."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_old_cache_name_warns_from_5_24_on_and_still_feeds_the_cache():
+    """From 5.24 on `cache=` is the name: `past_key_values=` warns once per call with the FutureWarning Llama's
+    forwards give, and still reaches the cache. Before 5.24 it is the name generate() passes: no warning."""
+    model = tiny_model(initializer_range=0.5)  # sharp: a step decoded without its context gives other logits
+    ids = torch.randint(3, 101, (2, 10))
+    prompt, step = ids[:, :9], ids[:, 9:]
+    new, old = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        uncached = model(ids).logits[:, -1]
+        model(prompt, cache=new, use_cache=True)
+        want = model(step, cache=new, use_cache=True).logits[:, -1]
+        _, warned_prefill = calls_and_warnings(lambda: model(prompt, past_key_values=old, use_cache=True))
+        out, warned_step = calls_and_warnings(lambda: model(step, past_key_values=old, use_cache=True))
+        backbone = DynamicCache(config=model.config)
+        _, warned_backbone = calls_and_warnings(lambda: model.model(ids, past_key_values=backbone, use_cache=True))
+        alone = model(step).logits[:, -1]
+    # The old name reached the cache: same logits as `cache=`, and as the uncached forward.
+    assert old.get_seq_length() == new.get_seq_length() == backbone.get_seq_length() == 10
+    assert torch.equal(out.logits[:, -1], want) and max_diff(want, uncached) <= 1e-4
+    assert max_diff(alone, want) > 1e-2  # without its context the step would differ
+    warned = [warned_prefill, warned_step, warned_backbone]
+    if CACHE_RENAMED:
+        assert [len(w) for w in warned] == [1, 1, 1]  # once per call: the head hands `cache=` to the backbone
+        assert all(w[0].category is FutureWarning and "Use `cache` instead" in str(w[0].message) for w in warned)
+        assert "QuillForCausalLM.forward" in str(warned_step[0].message)
+        assert "QuillModel.forward" in str(warned_backbone[0].message)
+    else:
+        assert warned == [[], [], []]
+    # generate() passes the installed release's name: never the warning, under 5.23 or 5.24.
+    generated, warned_generate = calls_and_warnings(
+        lambda: model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    )
+    assert generated.shape == (2, 12) and warned_generate == []
 
 
 @pytest.mark.parametrize("attn", BACKENDS)
@@ -205,7 +343,7 @@ def test_save_load_gives_identical_logits(tmp_path, tied):
     model = tiny_model(tie_word_embeddings=tied)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(loaded) is QuillForCausalLM and loaded.config._attn_implementation == PACKED_ATTENTION
+    assert type(loaded) is QuillForCausalLM and loaded.config._attn_implementation == "sdpa"
     x = torch.randint(3, 101, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(x).logits, loaded(x).logits)
@@ -225,12 +363,24 @@ def test_sequence_classification_pools_last_non_pad_token():
         assert max_diff(model(left, attention_mask=(left != 0).long()).logits, alone) <= 1e-5
 
 
-def test_torch_compile_matches_eager_forward():
-    model = tiny_model("sdpa")
+def test_torch_compile_matches_eager_forward_and_backward():
+    """torch.compile's default backend (inductor: generated C++ kernels on CPU) compiles the whole training step,
+    forward with the fused head + loss and backward through the hand-written kernels, as one graph
+    (fullgraph=True: a graph break fails here) and gives eager's logits, loss and gradients. ~20-60 s on 2 cores."""
+    model = tiny_model("sdpa").train()
     x = torch.randint(3, 101, (2, 16))
-    compiled = torch.compile(model, backend="eager", fullgraph=False)
-    with torch.no_grad():
-        assert max_diff(compiled(x).logits, model(x).logits) <= 1e-5
+    compiled = torch.compile(model, fullgraph=True)  # backend="inductor", the default
+    got = compiled(x, labels=x)
+    got.loss.backward()
+    compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    want = model(x, labels=x)
+    want.loss.backward()
+    assert max_diff(got.logits, want.logits) <= 1e-5 and max_diff(got.loss, want.loss) <= 1e-5
+    assert compiled_grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        diff, scale = max_diff(compiled_grads[name], p.grad), max(1.0, p.grad.abs().max().item())
+        assert diff <= 1e-5 * scale, f"{name}: compiled gradient differs from eager by {diff:.3g}"
 
 
 def test_peft_lora_all_linear_trains_and_merges():
