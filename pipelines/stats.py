@@ -46,7 +46,9 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     z, p = z_value(confidence), successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0 or n successes the bound equals p exactly, but rounding can leave it a hair on the wrong side of p
+    # (wilson_interval(0, 17)[0] was 1.4e-17): keep the interval around its estimate.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def exact_mcnemar_p(gained: int, lost: int) -> float:

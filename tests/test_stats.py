@@ -88,3 +88,12 @@ def test_within_group_auc_of_planted_scores():
     assert within_group_auc([([1, 2], [0, 1])] * 5).auc == 1.0
     assert within_group_auc([([1, 2], [1, 0])] * 5).auc == 0.0
     assert math.isnan(within_group_auc([([1, 2], [1, 1])]).auc)
+
+
+def test_wilson_interval_holds_its_estimate_at_zero_and_n():
+    # Rounding used to put the bound past p (0 successes of 17: a lower bound of 1.4e-17), and the report's error
+    # bars then had a negative length, which matplotlib refuses.
+    for n in range(1, 200):
+        for k in (0, n):
+            low, high = wilson_interval(k, n)
+            assert low <= k / n <= high, (k, n, low, high)
