@@ -140,7 +140,13 @@ class OutputArguments:
         metadata={"help": "Start over: replace a finished or partial output in output_dir instead of resuming."},
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the finished folder to the Hugging Face Hub."})
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository to upload to (user/name)."})
+    hub_model_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub repository to upload to (user/name). Given to `quill run` unscoped, each stage pushes to "
+            "user/name-<stage>; scoped (sft.hub_model_id=...), as written."
+        },
+    )
     hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the Hub repository as private."})
     hub_revision: str | None = field(default=None, metadata={"help": "Hub branch to upload to (created if needed)."})
 

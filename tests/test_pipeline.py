@@ -167,16 +167,44 @@ def test_every_stage_loads_without_the_project_and_the_final_model_chats(finishe
 
 
 def test_pushed_model_answers_from_the_hub_in_a_fresh_process(finished_run):
-    _, _, hub = finished_run
-    proc = hub.run_python("""
-        import json
+    """The RL stage's push: the Hub repo holds the finished folder's files byte for byte (all but the local marker),
+    and in a fresh process the model pulled from the Hub gives the local folder's greedy reply to the same prompt."""
+    import hashlib
+
+    out, _, hub = finished_run
+    proc = hub.run_python(
+        """
+        import hashlib, json, os, sys
+        from huggingface_hub import snapshot_download
         from transformers import pipeline
-        chat = pipeline("text-generation", model="user/quill-tiny-rl", trust_remote_code=True)
-        reply = chat([{"role": "user", "content": "What is 2 + 3?"}], max_new_tokens=8, do_sample=False)
-        print(json.dumps(reply[0]["generated_text"][-1]))
-    """)
-    reply = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert reply["role"] == "assistant"
+        pulled = snapshot_download("user/quill-tiny-rl")
+        files = {}
+        for root, _, names in os.walk(pulled):
+            for name in names:
+                with open(os.path.join(root, name), "rb") as f:
+                    files[os.path.relpath(os.path.join(root, name), pulled)] = hashlib.sha256(f.read()).hexdigest()
+        replies = []
+        for model in ("user/quill-tiny-rl", sys.argv[1]):
+            chat = pipeline("text-generation", model=model, trust_remote_code=True)
+            reply = chat([{"role": "user", "content": "What is 2 + 3?"}], max_new_tokens=8, do_sample=False)
+            replies.append(reply[0]["generated_text"][-1])
+        print(json.dumps({"files": files, "replies": replies}))
+    """,
+        str(out / "rl"),
+    )
+    pulled = json.loads(proc.stdout.strip().splitlines()[-1])
+    local = {
+        str(path.relative_to(out / "rl")): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in (out / "rl").rglob("*")
+        if path.is_file() and path.name != "quill_stage.json"  # the marker says the local folder is done
+    }
+    assert {"model.safetensors", "config.json", "modeling_quill.py", "README.md"} <= set(local)
+    # .gitattributes comes from the Hub's own first commit, not from the folder.
+    hub_files = {name: digest for name, digest in pulled["files"].items() if name != ".gitattributes"}
+    assert hub_files == local
+    from_hub, from_folder = pulled["replies"]
+    assert from_hub["role"] == "assistant" and isinstance(from_hub["content"], str)
+    assert from_hub == from_folder
 
 
 def test_rerun_skips_finished_stages(finished_run):

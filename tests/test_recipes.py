@@ -7,7 +7,10 @@ import pytest
 from quill.recipe import load_recipe, plan_recipe
 
 # Stages each shipped recipe runs; the rest run the whole chain.
-STAGES = {"tiny-midtrain": ["tokenizer", "pretrain", "midtrain", "sft"]}
+STAGES = {
+    "tiny": ["tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "rlvr"],  # RLHF and RLVR side by side
+    "tiny-midtrain": ["tokenizer", "pretrain", "midtrain", "sft"],
+}
 RECIPES = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*/recipe.yaml"))
 
 

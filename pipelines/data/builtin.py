@@ -16,7 +16,7 @@ from quill.data.tasks import Demonstrator
 from quill.errors import QuillError
 
 PREFIX = "quill:default/"
-VERSION = "v4"  # bump when the generator changes, so stale caches are not reused
+VERSION = "v5"  # bump when the generator changes, so stale caches are not reused
 
 
 def cache_dir(demonstrator: Demonstrator | None = None) -> Path:

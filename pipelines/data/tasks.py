@@ -5,8 +5,9 @@ Two default tasks with short exact answers, each with a question space larger th
 held-out accuracy measures generalisation, not recall. A fixed 10% of each question space (by a hash of the
 question) is eval-only, so held-out sets never overlap training whatever the seed or sizes of a build:
 
-- `number_sorting`, 3 whole numbers below 100 ("Sort these numbers in descending order: 14.0, 52.0, 30.0 ..." ->
-  "['52.0', '30.0', '14.0']"); half the prompts ask for ascending order, half for descending. About 2M questions.
+- `number_sorting`, 3 whole numbers below 100 ("Sort these numbers in descending order: 14.0, 52.0, 30.0" ->
+  "['52.0', '30.0', '14.0']", without reasoning-gym's formatting instruction: FORMAT_INSTRUCTION); half the
+  prompts ask for ascending order, half for descending. About 2M questions.
   Its descending prompts are the slice where the default demonstrator makes its planted mistake (Demonstrator).
 - `word_sequence_reversal`, 2-3 words ("Reverse this list of words: hundred, go" -> "go, hundred"): a copy task the
   demonstrator always gets right. Words come from a 2,352-word vocabulary, so about 10^10 distinct questions.
@@ -35,6 +36,10 @@ TASKS: dict[str, dict] = {
     },
     "word_sequence_reversal": {"min_words": 2, "max_words": 3},
 }  # fmt: skip
+
+# number_sorting appends a ~300-character formatting instruction to every question; the demonstrations show the
+# format, and a 4M model's context is better spent on the task, so questions end before it.
+FORMAT_INSTRUCTION = "\nPlease follow the instruction below:"
 
 HELD_OUT_PERCENT = 10  # of every task's question space, never used for training
 
@@ -75,7 +80,7 @@ def stream(
             ) from None
         for i in range(_CHUNK):
             item = ds[i]
-            question = item["question"]
+            question = item["question"].split(FORMAT_INSTRUCTION, 1)[0]
             if question in exclude or (split is not None and is_held_out(question) != (split == "eval")):
                 misses += 1
                 if misses > _MAX_MISSES:
