@@ -142,6 +142,13 @@ def test_readme_layout_table_matches_the_tree():
         assert covered, f"{rel} is not in the README's layout table"
 
 
+def test_ci_runs_the_readme_test_command_verbatim():
+    quick_start = (REPO / "README.md").read_text().split("## Quick start", 1)[1].split("```bash\n", 1)[1]
+    main_job, tests = (line.split("   #")[0].strip() for line in quick_start.splitlines()[:2])
+    assert "quill run tiny" in main_job and "[dev]" not in main_job  # the main job installs only what it needs
+    assert tests in (REPO / ".ci" / "run").read_text().splitlines()
+
+
 LINTED = ["pipelines", "custom_models", "recipes", "tests", "bench"]
 
 
