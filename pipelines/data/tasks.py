@@ -5,9 +5,10 @@ Two default tasks with short exact answers, each with a question space larger th
 held-out accuracy measures generalisation, not recall. A fixed 10% of each question space (by a hash of the
 question) is eval-only, so held-out sets never overlap training whatever the seed or sizes of a build:
 
-- `number_sorting`, 3 whole numbers below 100 ("Sort these numbers in descending order: 14.0, 52.0, 30.0" ->
-  "['52.0', '30.0', '14.0']", without reasoning-gym's formatting instruction: FORMAT_INSTRUCTION); half the
-  prompts ask for ascending order, half for descending. About 2M questions.
+- `number_sorting`, 2 whole numbers below 100 ("Sort these numbers in descending order: 14.0, 52.0" ->
+  "['52.0', '14.0']", without reasoning-gym's formatting instruction: FORMAT_INSTRUCTION); half the prompts ask
+  for ascending order, half for descending. About 20,000 questions. With 3 numbers the 4M model sorted 21% of
+  ascending prompts right after SFT (2 numbers: 62%), too few for a fixed direction to show as a gain.
   Its descending prompts are the slice where the default demonstrator makes its planted mistake (Demonstrator).
 - `word_sequence_reversal`, 2-3 words ("Reverse this list of words: hundred, go" -> "go, hundred"): a copy task the
   demonstrator always gets right. Words come from a 2,352-word vocabulary, so about 10^10 distinct questions.
@@ -32,7 +33,7 @@ from quill.errors import QuillError
 # reasoning-gym config per task (ranges); a recipe may pass its own dict of the same shape.
 TASKS: dict[str, dict] = {
     "number_sorting": {
-        "min_numbers": 3, "max_numbers": 3, "min_decimals": 0, "max_decimals": 0, "min_value": 0, "max_value": 99
+        "min_numbers": 2, "max_numbers": 2, "min_decimals": 0, "max_decimals": 0, "min_value": 0, "max_value": 99
     },
     "word_sequence_reversal": {"min_words": 2, "max_words": 3},
 }  # fmt: skip
