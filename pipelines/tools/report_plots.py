@@ -132,10 +132,17 @@ def rolling_mean(values: list[float], window: int) -> list[float]:
     return out
 
 
+def smoothing_window(n: int) -> int:
+    """A tenth of the run's log rows, at least 3 (a window of 1 draws the raw points again), at most all of them."""
+    return max(1, min(n, max(3, n // SMOOTHING_SHARE)))
+
+
 def reward_keys(stage: StageReport) -> list[str]:
-    """GRPO's logged rewards: `reward` (the total) and each `rewards/<func>/mean`."""
+    """GRPO's logged rewards: `reward` (the total) and each `rewards/<func>/mean`; with one reward function its mean
+    is the total, so only the total is drawn."""
     keys = dict.fromkeys(k for r in stage.log for k in r)
-    return [k for k in keys if k == "reward" or (k.startswith("rewards/") and k.endswith("/mean"))]
+    parts = [k for k in keys if k.startswith("rewards/") and k.endswith("/mean")]
+    return (["reward"] if "reward" in keys else []) + (parts if len(parts) > 1 or "reward" not in keys else [])
 
 
 def _smoothed(ax, points: list[tuple], label: str, window: int) -> None:
@@ -147,7 +154,7 @@ def _smoothed(ax, points: list[tuple], label: str, window: int) -> None:
 
 def plot_rl_reward(stages: list[StageReport], path: Path) -> bool:
     """The reward of each RL stage over its whole run: every logged point faint, a rolling mean over a tenth of the
-    run's log rows on top. A log row averages logging_steps x rl_prompts_per_step prompts."""
+    run's log rows (at least 3) on top. A log row averages logging_steps x rl_prompts_per_step prompts."""
     panels = [(s, reward_keys(s)) for s in stages if s.kind == "rl" and reward_keys(s)]
     if not panels:
         return False
@@ -155,7 +162,7 @@ def plot_rl_reward(stages: list[StageReport], path: Path) -> bool:
     for ax, (stage, keys) in zip(axes[0], panels, strict=True):
         for key in keys:
             points = logged(stage, key)
-            window = max(1, len(points) // SMOOTHING_SHARE)
+            window = smoothing_window(len(points))
             _smoothed(ax, points, f"{key} (rolling mean of {window} log rows)", window)
         ax.set(
             xlabel="step", ylabel="mean reward", title=f"{stage.name}: reward over the whole run (faint: each log row)"
@@ -179,7 +186,7 @@ def plot_preference_training(stages: list[StageReport], path: Path) -> bool:
     fig, axes = _pyplot().subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (stage, key, label, ylabel) in zip(axes[0], panels, strict=True):
         points = logged(stage, key)
-        window = max(1, len(points) // SMOOTHING_SHARE)
+        window = smoothing_window(len(points))
         _smoothed(ax, points, f"{label} (rolling mean of {window} log rows)", window)
         m = stage.metrics
         if stage.kind == "reward" and num(m.get("rm_agreement_auc")) is not None:
