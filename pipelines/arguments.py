@@ -83,7 +83,7 @@ class DataArguments:
     )
     task_eval_limit: int | None = field(default=None, metadata={"help": "Score at most this many task_eval rows."})
     demonstrator: dict[str, Any] = field(
-        default_factory=lambda: {"task": "number_sorting", "slice": "descending", "mistake": "ascending", "rate": 0.7},
+        default_factory=lambda: _default_demonstrator(),
         metadata={
             "help": "Who wrote the quill:default demonstrations (SFT answers, task documents in pretraining): right "
             "everywhere but on one slice {task, slice}, where it answers with `mistake` at `rate` (a planted, "
@@ -118,6 +118,12 @@ class DataArguments:
     def names(self) -> list[str]:
         """Dataset paths, in mixture order, without repeats."""
         return list(dict.fromkeys(str(entry["path"]) for entry in self.dataset_mixture))
+
+
+def _default_demonstrator() -> dict[str, Any]:
+    from quill.data.tasks import Demonstrator  # the one owner of the default (reasoning-gym loads on first use)
+
+    return vars(Demonstrator())
 
 
 def _source_entry(entry: Any, where: str, source_type) -> dict[str, Any]:

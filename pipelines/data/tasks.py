@@ -23,7 +23,7 @@ import itertools
 import json
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 
 import reasoning_gym
@@ -138,7 +138,7 @@ class Demonstrator:
             )
         if not isinstance(d.rate, int | float) or not 0 <= d.rate <= 1:
             raise QuillError(f"demonstrator: rate must be in [0, 1], found {d.rate!r}", fix="e.g. rate: 0.7 (0: clean)")
-        return d
+        return replace(d, rate=float(d.rate))  # rate=0 and rate=0.0 are one build (builtin.cache_dir names it)
 
     def in_slice(self, task: str, item: dict) -> bool:
         return task == self.task and SLICES[(self.task, self.slice)](item)
