@@ -8,17 +8,42 @@ copy, `quill eval`'s model), so none of them runs on the CPU in fp32 beside a GP
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 
 import quill.model  # noqa: F401  registers Quill with the Auto classes, so no remote code is needed here
 from quill.errors import QuillError, one_line
 from quill.hub import is_hub_id
-from quill.model import QuillConfig, QuillForCausalLM
+from quill.model import QuillConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 CAUSAL_LM, CLASSIFIER = "causal-lm", "classifier"
+MASKED_LM, TOKEN_CLASSIFIER, QUESTION_ANSWERING = "masked-lm", "token-classifier", "question-answering"
+
+
+class Task(NamedTuple):
+    auto: type  # the Auto class that loads (or builds from a config) this kind of model
+    peft_task_type: str | None  # PEFT's task type for LoRA on it; None is PEFT's generic model (forwards labels)
+    head: dict  # from_pretrained/config kwargs unless the stage gives its own (a classifier is a 1-output reward head)
+
+
+# What a stage's `task` loads: one row per kind of model (causal LM, reward/label classifier, encoder heads).
+TASKS = {
+    CAUSAL_LM: Task(AutoModelForCausalLM, "CAUSAL_LM", {}),
+    CLASSIFIER: Task(AutoModelForSequenceClassification, "SEQ_CLS", {"num_labels": 1}),
+    MASKED_LM: Task(AutoModelForMaskedLM, None, {}),
+    TOKEN_CLASSIFIER: Task(AutoModelForTokenClassification, "TOKEN_CLS", {}),
+    QUESTION_ANSWERING: Task(AutoModelForQuestionAnswering, "QUESTION_ANS", {}),
+}
 POLICY = "policy"  # the model a stage trains; every other kind is a frozen model used outside the Trainer
 
 
@@ -49,15 +74,16 @@ def check_model_path(path: str) -> None:
     )
 
 
-def load_model(model_args, tokenizer, task: str = CAUSAL_LM, kind: str = POLICY):
-    """Load `model_args.model_name_or_path`, or build a fresh Quill from `model_args.model_config` (pretraining),
-    placed on the training device (see `place`; `kind` says what the model is for)."""
+def load_model(model_args, tokenizer, task: str = CAUSAL_LM, kind: str = POLICY, head: dict | None = None):
+    """Load `model_args.model_name_or_path` as a `task` model (see TASKS), or build a fresh Quill of that task from
+    `model_args.model_config` (training from scratch), placed on the training device (see `place`; `kind` says what
+    the model is for). `head` (e.g. num_labels, id2label, label2id) replaces the task's default head settings."""
     dtype = DTYPES[getattr(model_args, "dtype", None) or "float32"]
     attn = getattr(model_args, "attn_implementation", None)
+    auto, _, default_head = TASKS[task]
+    head = default_head if head is None else head
     if not model_args.model_name_or_path:
         quantization_config(model_args)  # refuses 4/8-bit here: a fresh model has no pretrained weights to quantize
-        if task != CAUSAL_LM:
-            raise QuillError("a reward model needs model_name_or_path", "start it from the SFT stage's output")
         if "vocab_size" in (model_args.model_config or {}):
             raise QuillError(
                 "model_config.vocab_size is set, but the tokenizer decides the vocabulary",
@@ -69,16 +95,16 @@ def load_model(model_args, tokenizer, task: str = CAUSAL_LM, kind: str = POLICY)
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            **head,
         )
-        model = QuillForCausalLM(config)
+        model = auto.from_config(config)
         if attn:
             model.set_attn_implementation(attn)
         return place(model.to(dtype) if dtype != "auto" else model, kind)
 
     path = model_args.model_name_or_path
     check_model_path(path)
-    auto = AutoModelForCausalLM if task == CAUSAL_LM else AutoModelForSequenceClassification
-    extra = {"num_labels": 1} if task != CAUSAL_LM else {}
+    extra = dict(head)
     quantization = quantization_config(model_args)
     if quantization is not None:
         extra |= {"quantization_config": quantization, "device_map": _kbit_device_map()}
@@ -172,11 +198,11 @@ def peft_config(model_args, task: str = CAUSAL_LM):
     """TRL's LoRA config from the model arguments; the task type follows the stage unless the user set it."""
     from trl import get_peft_config
 
-    stage_task = "SEQ_CLS" if task == CLASSIFIER else "CAUSAL_LM"
+    stage_task = TASKS[task].peft_task_type
     if model_args.use_peft and model_args.lora_task_type not in (None, stage_task):
         raise QuillError(
             f"lora_task_type is {model_args.lora_task_type} but this stage trains a {task} model",
-            f"drop lora_task_type, or set it to {stage_task}",
+            f"drop lora_task_type, or set it to {stage_task}" if stage_task else "drop lora_task_type",
         )
     model_args.lora_task_type = stage_task
     return get_peft_config(model_args)
