@@ -4,6 +4,10 @@ One dial sets the size: ``depth`` (number of layers). Width, heads and MLP size 
 nanochat does it (width = 64 * depth, 64-dim heads, SwiGLU hidden ~ 8/3 * width), and every derived field can
 still be set explicitly. Field names are the standard ones (``hidden_size``, ``num_key_value_heads``, ...) so
 tools that read configs (vLLM, PEFT, TRL, accelerate's size estimates) understand a Quill checkpoint.
+
+The architecture choices the textbook transformers differ in are options, each a code path in ``modeling_quill.py``:
+decoder or encoder (``is_decoder``), the position encoding, where the norm sits and which norm, and the MLP
+(``hidden_act``). Values outside the listed choices are refused here, at config time.
 """
 
 from huggingface_hub.dataclasses import strict
@@ -16,12 +20,30 @@ DEFAULT_HEAD_DIM = 64
 
 # Every Quill checkpoint names all the Auto classes it can be loaded as, not just the one it was saved from:
 # TRL's RewardTrainer loads AutoModelForSequenceClassification from a causal-LM checkpoint.
+# A decoder checkpoint lists the heads a decoder is used with, an encoder checkpoint the BERT-style heads (a causal-LM
+# head on an encoder, or a masked-LM head on a decoder, is refused by the model).
 AUTO_MAP = {
     "AutoConfig": "configuration_quill.QuillConfig",
     "AutoModel": "modeling_quill.QuillModel",
     "AutoModelForCausalLM": "modeling_quill.QuillForCausalLM",
     "AutoModelForSequenceClassification": "modeling_quill.QuillForSequenceClassification",
 }
+ENCODER_AUTO_MAP = {
+    "AutoConfig": "configuration_quill.QuillConfig",
+    "AutoModel": "modeling_quill.QuillModel",
+    "AutoModelForMaskedLM": "modeling_quill.QuillForMaskedLM",
+    "AutoModelForSequenceClassification": "modeling_quill.QuillForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_quill.QuillForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_quill.QuillForQuestionAnswering",
+}
+
+# The choices of each architecture option; the first is the default.
+POSITION_EMBEDDINGS = ("rope", "sinusoidal", "learned", "alibi")
+NORM_POSITIONS = ("pre", "post")
+NORM_TYPES = ("rmsnorm", "layernorm")
+GATED_ACTIVATIONS = ("silu",)  # SwiGLU: silu(gate) * up
+PLAIN_ACTIVATIONS = ("gelu", "gelu_new", "relu")  # a 2-layer MLP: down(act(up(x)))
+CLASSIFIER_POOLINGS = ("first", "mean", "last")
 
 
 def _round_up(x: float, multiple: int) -> int:
@@ -31,8 +53,25 @@ def _round_up(x: float, multiple: int) -> int:
 @strict(accept_kwargs=True)
 class QuillConfig(PreTrainedConfig):
     r"""
-    Configuration of a Quill decoder-only transformer: pre-norm, RMSNorm, RoPE, grouped-query attention with
-    optional QK-norm, SwiGLU MLP, no biases, fused QKV and gate/up projections.
+    Configuration of a Quill transformer. The default is a decoder: pre-norm, RMSNorm, RoPE, grouped-query attention
+    with optional QK-norm, SwiGLU MLP, no biases, fused QKV and gate/up projections.
+
+    Architecture options (a value outside the choices raises ``ValueError``):
+
+    - ``is_decoder``: True (default) a causal decoder (CausalLM, generation, KV cache); False a bidirectional encoder
+      (MaskedLM, classification, token classification and QA heads; no cache).
+    - ``position_embedding``: ``rope`` (default; rotates q and k), ``sinusoidal`` (Vaswani et al.'s fixed table added
+      to the scaled token embeddings), ``learned`` (a trained table of ``max_position_embeddings`` rows, BERT/GPT-2),
+      ``alibi`` (a per-head linear distance penalty added to the attention scores; it needs an explicit float mask,
+      so SDPA cannot use its fused ``is_causal`` kernel, and flash/flex attention are refused).
+    - ``norm_position``: ``pre`` (default; norm -> sublayer -> add, plus a final norm) or ``post`` (the original
+      "Add & Norm": add -> norm after each sublayer, no final norm).
+    - ``norm_type``: ``rmsnorm`` (default) or ``layernorm`` (with bias, as in BERT); QK-norm uses the same type.
+      ``rms_norm_eps`` is the epsilon of either.
+    - ``hidden_act``: ``silu`` -> SwiGLU (gated, default); ``gelu``, ``gelu_new`` or ``relu`` -> a plain 2-layer MLP.
+      ``intermediate_size`` defaults to 8/3 * hidden for SwiGLU and 4 * hidden for the plain MLP.
+    - ``classifier_pooling``: how ``QuillForSequenceClassification`` pools: ``first`` token (encoder default),
+      ``mean`` over non-pad tokens, or ``last`` non-pad token (decoder default; TRL's reward-model shape).
 
     ```python
     >>> from quill.model import QuillConfig, QuillForCausalLM
@@ -54,6 +93,11 @@ class QuillConfig(PreTrainedConfig):
     num_key_value_heads: int | None = None
     head_dim: int | None = None
     hidden_act: str = "silu"
+    is_decoder: bool = True
+    position_embedding: str = "rope"
+    norm_position: str = "pre"
+    norm_type: str = "rmsnorm"
+    classifier_pooling: str | None = None
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-6
@@ -83,10 +127,16 @@ class QuillConfig(PreTrainedConfig):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.intermediate_size is None:
-            self.intermediate_size = _round_up(8 * self.hidden_size / 3, 64)
+            gated = self.hidden_act in GATED_ACTIVATIONS
+            self.intermediate_size = _round_up(8 * self.hidden_size / 3, 64) if gated else 4 * self.hidden_size
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
-        kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
+        if self.classifier_pooling is None:
+            self.classifier_pooling = "last" if self.is_decoder else "first"
+        if not self.is_decoder:
+            self.use_cache = False  # an encoder sees the whole input at once: nothing to cache
+        default_map = AUTO_MAP if self.is_decoder else ENCODER_AUTO_MAP
+        kwargs["auto_map"] = {**default_map, **(kwargs.get("auto_map") or {})}
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
@@ -96,8 +146,20 @@ class QuillConfig(PreTrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.head_dim % 2 != 0:
+        choices = {
+            "position_embedding": POSITION_EMBEDDINGS,
+            "norm_position": NORM_POSITIONS,
+            "norm_type": NORM_TYPES,
+            "hidden_act": GATED_ACTIVATIONS + PLAIN_ACTIVATIONS,
+            "classifier_pooling": CLASSIFIER_POOLINGS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.position_embedding == "rope" and self.head_dim % 2 != 0:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.position_embedding == "sinusoidal" and self.hidden_size % 2 != 0:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be even for sinusoidal position embeddings")
 
 
 __all__ = ["QuillConfig"]

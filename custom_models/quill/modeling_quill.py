@@ -1,12 +1,15 @@
-"""Quill: a small, fast decoder-only transformer for transformers 5.x.
+"""Quill: a small, fast transformer for transformers 5.x, as a decoder (the default) or a BERT-style encoder.
 
-Pre-norm blocks of RMSNorm -> attention (fused QKV, GQA, optional QK-norm, RoPE) and RMSNorm -> SwiGLU MLP
-(fused gate/up), no biases. Attention goes through ``ALL_ATTENTION_FUNCTIONS`` so ``eager``, ``sdpa``,
-``flex_attention`` and ``flash_attention_2`` all work. The default is ``sdpa``, as for every transformers model; in
-Quill it keeps packed documents apart without an LxL mask: packed rows (restarting ``position_ids``, no attention
-mask, no cache yet) run SDPA once per document, everything else takes transformers' stock sdpa path. The kernels
-(that packed attention, also selectable as ``quill_sdpa``; RMSNorm/SwiGLU autograd functions and the fused LM-head
-loss) live in ``kernels_quill.py``.
+The default: pre-norm blocks of RMSNorm -> attention (fused QKV, GQA, optional QK-norm, RoPE) and RMSNorm -> SwiGLU
+MLP (fused gate/up), no biases. ``QuillConfig`` switches the parts the textbook architectures differ in: the position
+encoding (RoPE, sinusoidal, learned, ALiBi), post-norm ("Add & Norm") and LayerNorm, a plain GELU/ReLU MLP, and
+``is_decoder=False`` for a bidirectional encoder with masked-LM, classification, token-classification and QA heads.
+Attention goes through ``ALL_ATTENTION_FUNCTIONS`` so ``eager``, ``sdpa``, ``flex_attention`` and
+``flash_attention_2`` all work (ALiBi: eager and sdpa only, see ``alibi_attention_mask``). The default is ``sdpa``,
+as for every transformers model; in a Quill decoder it keeps packed documents apart without an LxL mask: packed
+rows (restarting ``position_ids``, no attention mask, no cache yet) run SDPA once per document, everything else
+takes transformers' stock sdpa path. The kernels (that packed attention, also selectable as ``quill_sdpa``;
+RMSNorm/SwiGLU autograd functions and the fused LM-head loss) live in ``kernels_quill.py``.
 
 This file, ``configuration_quill.py`` and ``kernels_quill.py`` are copied next to every saved checkpoint and run
 under whatever transformers the loader has, so they stay flat siblings that import each other relatively, and use
@@ -19,12 +22,27 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.loss.loss_utils import ForCausalLMLoss
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.masking_utils import (
+    create_bidirectional_mask,
+    create_causal_mask,
+    find_packed_sequence_indices,
+    packed_sequence_mask_function,
+)
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MaskedLMOutput,
+    SequenceClassifierOutputWithPast,
+)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
@@ -72,6 +90,13 @@ class QuillRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
 
+def quill_norm(config: QuillConfig, size: int) -> nn.Module:
+    """The config's norm (``norm_type``) over ``size`` features: RMSNorm, or LayerNorm with a bias as in BERT."""
+    if config.norm_type == "layernorm":
+        return nn.LayerNorm(size, eps=config.rms_norm_eps)
+    return QuillRMSNorm(size, config.rms_norm_eps)
+
+
 class QuillRotaryEmbedding(nn.Module):
     def __init__(self, config: QuillConfig):
         super().__init__()
@@ -98,6 +123,52 @@ class QuillRotaryEmbedding(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+class QuillSinusoidalEmbedding(nn.Module):
+    """Vaswani et al. (2017) 3.5: ``PE(pos, 2i) = sin(pos / 10000^(2i/d))``, ``PE(pos, 2i+1) = cos(...)``, added to
+    the token embeddings, which are scaled by ``sqrt(d)`` first (their 3.4). Computed from ``position_ids`` on the
+    fly: no table, so no length limit and nothing to save. Sines and cosines are concatenated rather than
+    interleaved, a fixed permutation of the features that changes nothing for the model."""
+
+    def __init__(self, config: QuillConfig, base: float = 10000.0):
+        super().__init__()
+        self.dim, self.base = config.hidden_size, base
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        steps = torch.arange(0, self.dim, 2, dtype=torch.float, device=inputs_embeds.device) / self.dim
+        angles = position_ids[..., None].float() * (1.0 / self.base**steps)
+        table = torch.cat((angles.sin(), angles.cos()), dim=-1).to(inputs_embeds.dtype)
+        return inputs_embeds * self.dim**0.5 + table
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022): the geometric series 2^(-8/n), 2^(-16/n), ... for n a power of
+    two, interleaved with the next power's series otherwise (as BLOOM builds them)."""
+    closest = 2 ** (num_heads.bit_length() - 1)
+    slopes = [2 ** (-8 * (i + 1) / closest) for i in range(closest)]
+    slopes += [2 ** (-4 * (2 * i + 1) / closest) for i in range(num_heads - closest)]
+    return torch.tensor(slopes)
+
+
+def alibi_attention_mask(
+    mask: torch.Tensor | None, num_heads: int, q_len: int, kv_len: int, causal: bool, dtype: torch.dtype, device
+) -> torch.Tensor:
+    """The additive (batch|1, heads, q_len, kv_len) float mask ALiBi attends with: ``-slope * distance`` where
+    ``mask`` allows attention, the dtype's minimum elsewhere. ``mask`` is what transformers built (bool for sdpa,
+    0/min floats for eager, or None where it would rely on ``is_causal``); queries are the last ``q_len`` keys.
+
+    Distances are taken between token indices, not position ids: they differ only by a row's left padding (masked)
+    or across packed documents (masked), and indices also hold for cached keys. An additive bias rules out SDPA's
+    fused ``is_causal`` kernel and the packed per-document path: ALiBi always runs SDPA with this explicit mask."""
+    q_idx = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    distance = q_idx - torch.arange(kv_len, device=device)[None, :]
+    bias = -alibi_slopes(num_heads).to(device)[None, :, None, None] * distance.abs()
+    if mask is None:
+        allowed = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
+    else:
+        allowed = mask if mask.dtype == torch.bool else mask == 0
+    return torch.where(allowed, bias.to(dtype), torch.finfo(dtype).min)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -153,18 +224,18 @@ class QuillAttention(nn.Module):
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
-        self.is_causal = True
+        self.is_causal = config.is_decoder  # read by the sdpa/flash backends when no mask is given
         # One matmul for q, k and v: fewer, larger kernels (the split below is a free view).
         qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_size, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
-        self.q_norm = QuillRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
-        self.k_norm = QuillRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        self.q_norm = quill_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = quill_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -172,8 +243,12 @@ class QuillAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         qkv = self.qkv_proj(hidden_states).view(*input_shape, -1, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=-2)
-        q, k = apply_rotary_pos_emb(self.q_norm(q), self.k_norm(k), *position_embeddings)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if position_embeddings is not None:  # RoPE; the other position encodings act outside attention
+            q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         query_states, key_states, value_states = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.to(query_states.dtype)  # ALiBi's float mask under autocast: SDPA wants q's
 
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
@@ -199,6 +274,8 @@ class QuillAttention(nn.Module):
 
 
 class QuillMLP(nn.Module):
+    """SwiGLU (``hidden_act="silu"``): ``down(silu(gate) * up)`` on one fused gate/up projection."""
+
     def __init__(self, config: QuillConfig):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
@@ -208,13 +285,36 @@ class QuillMLP(nn.Module):
         return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
+class QuillPlainMLP(nn.Module):
+    """The original transformer / BERT / GPT-2 feed-forward: ``down(act(up(x)))``, ``act`` from ``hidden_act``."""
+
+    def __init__(self, config: QuillConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+def quill_mlp(config: QuillConfig) -> nn.Module:
+    """The MLP ``hidden_act`` names (the config has refused any other activation)."""
+    return QuillMLP(config) if config.hidden_act == "silu" else QuillPlainMLP(config)
+
+
 class QuillDecoderLayer(GradientCheckpointingLayer):
+    """One block, encoder or decoder (the attention's mask makes the difference). Pre-norm:
+    ``x + attn(norm(x))``, then ``x + mlp(norm(x))``. Post-norm, the original Add & Norm: ``norm(x + attn(x))``, then
+    ``norm(x + mlp(x))``; the same two norm modules, applied after each residual add instead of before."""
+
     def __init__(self, config: QuillConfig, layer_idx: int):
         super().__init__()
+        self.pre_norm = config.norm_position == "pre"
         self.self_attn = QuillAttention(config, layer_idx)
-        self.mlp = QuillMLP(config)
-        self.input_layernorm = QuillRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = QuillRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = quill_mlp(config)
+        self.input_layernorm = quill_norm(config, config.hidden_size)
+        self.post_attention_layernorm = quill_norm(config, config.hidden_size)
 
     def forward(
         self,
@@ -225,14 +325,18 @@ class QuillDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        attn_input = self.input_layernorm(hidden_states) if self.pre_norm else hidden_states
         attn_out, _ = self.self_attn(
-            self.input_layernorm(hidden_states),
+            attn_input,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             **kwargs,
         )
+        if not self.pre_norm:
+            hidden_states = self.input_layernorm(hidden_states + attn_out)
+            return self.post_attention_layernorm(hidden_states + self.mlp(hidden_states))
         hidden_states = hidden_states + attn_out
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -255,9 +359,17 @@ class QuillModel(QuillPreTrainedModel):
     def __init__(self, config: QuillConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        # One position encoding: rotary inside attention, an absolute one added to the embeddings here, or ALiBi's
+        # bias in the attention mask (built in forward).
+        position = config.position_embedding
+        self.rotary_emb = QuillRotaryEmbedding(config) if position == "rope" else None
+        if position == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        elif position == "sinusoidal":
+            self.embed_positions = QuillSinusoidalEmbedding(config)
         self.layers = nn.ModuleList(QuillDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = QuillRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = QuillRotaryEmbedding(config)
+        # Post-norm blocks end in a norm already (the original transformer has no final one).
+        self.norm = quill_norm(config, config.hidden_size) if config.norm_position == "pre" else nn.Identity()
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -278,6 +390,8 @@ class QuillModel(QuillPreTrainedModel):
         cache = cache if cache is not None else past_key_values
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if not self.config.is_decoder and (use_cache or cache is not None):
+            raise ValueError("An encoder (is_decoder=False) attends to the whole input at once and has no KV cache")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
@@ -286,39 +400,25 @@ class QuillModel(QuillPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
 
-        # transformers only looks for packed documents (restarting position_ids) when there is no cache, so an empty
-        # cache created by use_cache=True would let documents attend to each other. An empty dynamic cache changes
-        # nothing about the mask, so build the mask as if it were absent: packed rows stay separate either way.
-        fresh_dynamic_cache = isinstance(cache, DynamicCache) and past_seen == 0
-        mask_cache = None if fresh_dynamic_cache and attention_mask is None else cache
-        # sdpa (and quill_sdpa) on unpadded full-prefix input: rows holding several documents are attended per
-        # document, with no mask at all (transformers would build an LxL block mask). Under torch.compile finding
-        # the documents is data-dependent control flow, so there transformers' mask keeps them apart instead.
-        layout = None
-        if (
-            self.config._attn_implementation in PACKING_AWARE
-            and attention_mask is None
-            and mask_cache is None
-            and not is_torchdynamo_compiling()
-        ):
-            layout = DocumentLayout.from_position_ids(position_ids, inputs_embeds.shape[0])
-            if layout is not None or self.config._attn_implementation == PACKED_ATTENTION:
-                kwargs["document_layout"] = layout  # None: one document per row (quill_sdpa need not look again)
-        if layout is not None:
-            causal_mask = None
-        elif isinstance(attention_mask, dict):
-            causal_mask = attention_mask["full_attention"]
-        else:  # the cache goes in by position: its keyword is `past_key_values` or `cache` depending on the release
-            causal_mask = create_causal_mask(
-                self.config, inputs_embeds, attention_mask, mask_cache, position_ids=position_ids
-            )
-
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        position_embeddings = None
+        if self.config.position_embedding == "rope":
+            position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        elif self.config.position_embedding == "learned":
+            if not is_torchdynamo_compiling() and position_ids.max() >= self.config.max_position_embeddings:
+                raise ValueError(
+                    f"position {int(position_ids.max())} is past the learned table's max_position_embeddings "
+                    f"({self.config.max_position_embeddings})"
+                )
+            hidden_states = hidden_states + self.embed_positions(position_ids)
+        elif self.config.position_embedding == "sinusoidal":
+            hidden_states = self.embed_positions(hidden_states, position_ids)
+
+        mask = self._attention_mask(inputs_embeds, attention_mask, cache, past_seen, position_ids, kwargs)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = decoder_layer(
                 hidden_states,
-                attention_mask=causal_mask,
+                attention_mask=mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 cache=cache,
@@ -329,11 +429,68 @@ class QuillModel(QuillPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None})
 
+    def _attention_mask(self, inputs_embeds, attention_mask, cache, past_seen, position_ids, kwargs):
+        """The mask every layer attends with (None where SDPA's own causal kernel or no mask is exact). May set
+        ``kwargs["document_layout"]`` for the packed per-document path."""
+        config, attn = self.config, self.config._attn_implementation
+        alibi = config.position_embedding == "alibi"
+        if alibi and attn not in ("eager", "sdpa", PACKED_ATTENTION):
+            raise ValueError(
+                f"position_embedding='alibi' needs an additive attention bias: use eager or sdpa, not {attn}"
+            )
+        if isinstance(attention_mask, dict):
+            return attention_mask["full_attention"]
+        # transformers only looks for packed documents (restarting position_ids) when there is no cache, so an empty
+        # cache created by use_cache=True would let documents attend to each other. An empty dynamic cache changes
+        # nothing about the mask, so build the mask as if it were absent: packed rows stay separate either way.
+        fresh_dynamic_cache = isinstance(cache, DynamicCache) and past_seen == 0
+        mask_cache = None if fresh_dynamic_cache and attention_mask is None else cache
+        compiling = is_torchdynamo_compiling()
+        if not config.is_decoder:
+            # Bidirectional; packed documents kept apart by transformers' block mask (the per-document kernel below
+            # is causal, and its padded buckets would be attended to by a bidirectional query).
+            packed = find_packed_sequence_indices(position_ids) if attention_mask is None and not compiling else None
+            mask = create_bidirectional_mask(
+                config,
+                inputs_embeds,
+                attention_mask,
+                and_mask_function=packed_sequence_mask_function(packed) if packed is not None else None,
+            )
+        else:
+            # sdpa (and quill_sdpa) on unpadded full-prefix input: rows holding several documents are attended per
+            # document, with no mask at all (transformers would build an LxL block mask). Under torch.compile finding
+            # the documents is data-dependent control flow, so there transformers' mask keeps them apart instead.
+            if attn in PACKING_AWARE and attention_mask is None and mask_cache is None and not compiling and not alibi:
+                layout = DocumentLayout.from_position_ids(position_ids, inputs_embeds.shape[0])
+                if layout is not None or attn == PACKED_ATTENTION:
+                    kwargs["document_layout"] = layout  # None: one document per row (quill_sdpa need not look again)
+                if layout is not None:
+                    return None
+            # The cache goes in by position: its keyword is `past_key_values` or `cache` depending on the release.
+            mask = create_causal_mask(config, inputs_embeds, attention_mask, mask_cache, position_ids=position_ids)
+        if alibi:
+            q_len = inputs_embeds.shape[1]
+            mask = alibi_attention_mask(
+                mask,
+                config.num_attention_heads,
+                q_len,
+                past_seen + q_len,
+                config.is_decoder,
+                inputs_embeds.dtype,
+                inputs_embeds.device,
+            )
+        return mask
+
 
 class QuillForCausalLM(QuillPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: QuillConfig):
+        if not config.is_decoder:
+            raise ValueError(
+                "QuillForCausalLM needs a decoder config (is_decoder=True); this one is an encoder, whose language-"
+                "model head is QuillForMaskedLM"
+            )
         super().__init__(config)
         self.model = QuillModel(config)
         self.vocab_size = config.vocab_size
@@ -396,24 +553,151 @@ class QuillForCausalLM(QuillPreTrainedModel, GenerationMixin):
         )
 
 
-class QuillForSequenceClassification(GenericForSequenceClassification, QuillPreTrainedModel):
-    """Backbone + a linear ``score`` head read at each row's last non-pad token (TRL's reward-model shape).
+class QuillForSequenceClassification(QuillPreTrainedModel):
+    """Backbone + a linear ``score`` head on one vector per row, pooled as ``config.classifier_pooling`` says: the
+    last non-pad token (a decoder's default, TRL's reward-model shape, transformers' generic rule: the rightmost token
+    that is not ``pad_token_id``), the first token (an encoder's default: BERT's [CLS], Quill's BOS) or the mean over
+    non-pad tokens. Padding is read from ``attention_mask`` when given, otherwise from ``pad_token_id``.
 
-    transformers' generic forward; the backbone is built here directly, because the generic ``__init__`` goes
-    through ``AutoModel``, which under remote-code loading would resolve the model a second time."""
+    The backbone is built here directly: transformers' generic heads build it through ``AutoModel``, which under
+    remote-code loading would resolve the model a second time."""
+
+    def __init__(self, config: QuillConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = QuillModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    def pool(self, hidden_states, input_ids, attention_mask) -> torch.Tensor:
+        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+        pad_id = self.config.pad_token_id
+        if self.config.classifier_pooling == "last":
+            if pad_id is None and hidden_states.shape[0] != 1:
+                raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+            if pad_id is None or input_ids is None:
+                return hidden_states[:, -1]
+            non_pad = (input_ids != pad_id).to(hidden_states.device, torch.int32)
+            token_indices = torch.arange(input_ids.shape[-1], device=hidden_states.device, dtype=torch.int32)
+            return hidden_states[rows, (token_indices * non_pad).argmax(-1)]
+        if attention_mask is not None:
+            keep = attention_mask.to(hidden_states.device).bool()
+        elif input_ids is not None and pad_id is not None:
+            keep = (input_ids != pad_id).to(hidden_states.device)
+        else:
+            keep = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+        if self.config.classifier_pooling == "first":  # the first real token: left padding allowed
+            return hidden_states[rows, keep.int().argmax(-1)]
+        weights = keep.to(hidden_states.dtype)[..., None]
+        return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+    @deprecate_past_key_values
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.score(self.pool(outputs.last_hidden_state, input_ids, attention_mask))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{CACHE_FIELD: outputs.get(CACHE_FIELD)},
+        )
+
+
+class QuillForMaskedLM(QuillPreTrainedModel):
+    """An encoder with a linear head over the vocabulary, tied to the input embeddings when
+    ``tie_word_embeddings``; the loss is transformers' masked-LM loss over labels != -100 (what
+    ``DataCollatorForLanguageModeling`` sets for unmasked tokens)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: QuillConfig):
+        if config.is_decoder:
+            raise ValueError(
+                "QuillForMaskedLM needs an encoder config (is_decoder=False): a causal decoder cannot see the tokens "
+                "after a mask; a decoder's language-model head is QuillForCausalLM"
+            )
+        super().__init__(config)
+        self.model = QuillModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MaskedLMOutput:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class QuillForTokenClassification(GenericForTokenClassification, QuillPreTrainedModel):
+    """A label per token (dropout, then a linear ``score``); transformers' generic forward and loss."""
 
     def __init__(self, config: QuillConfig):
         QuillPreTrainedModel.__init__(self, config)
         self.num_labels = config.num_labels
         self.model = QuillModel(config)
-        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.dropout = nn.Dropout(getattr(config, "classifier_dropout", None) or 0.1)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+
+class QuillForQuestionAnswering(GenericForQuestionAnswering, QuillPreTrainedModel):
+    """Extractive QA as in BERT: start and end logits per token from one linear ``qa_outputs``; the loss is the mean
+    of the start and end cross-entropies against ``start_positions`` / ``end_positions``. transformers' generic
+    forward and loss."""
+
+    def __init__(self, config: QuillConfig):
+        QuillPreTrainedModel.__init__(self, config)
+        self.model = QuillModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.post_init()
 
 
 __all__ = [
     "PACKED_ATTENTION",
     "QuillForCausalLM",
+    "QuillForMaskedLM",
+    "QuillForQuestionAnswering",
     "QuillForSequenceClassification",
+    "QuillForTokenClassification",
     "QuillModel",
     "QuillPreTrainedModel",
 ]
