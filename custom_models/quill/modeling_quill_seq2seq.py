@@ -1,16 +1,20 @@
 """Quill as an encoder-decoder (seq2seq) transformer, in the shape of transformers' T5/BART modeling files.
 
 One ``QuillConfig`` with ``is_encoder_decoder=True`` describes both halves (``num_hidden_layers`` encoder layers,
-``num_decoder_layers`` decoder layers, default the same). The encoder is Quill's block with bidirectional attention
-(padding masked); each decoder layer is causal self-attention -> cross-attention to the encoder states -> MLP, all
-pre-norm. Encoder, decoder and LM head share one embedding. Generation goes through transformers' ``generate()``
-with an ``EncoderDecoderCache``: the self-attention cache grows per step, the cross-attention keys/values are
-computed once from the encoder states and reused.
+``num_decoder_layers`` decoder layers, default the same; ``decoder_start_token_id`` defaults to BOS). The encoder is
+Quill's block with bidirectional attention (padding masked); each decoder layer is causal self-attention ->
+cross-attention to the encoder states -> MLP. Encoder, decoder and LM head share one embedding. The config's
+``norm_position``, ``norm_type``, ``hidden_act`` and ``position_embedding`` (rope, learned, sinusoidal; not alibi)
+apply to both halves as in the decoder-only Quill. Generation goes through transformers' ``generate()`` with an
+``EncoderDecoderCache``: the self-attention cache grows per step, the cross-attention keys/values are computed once
+from the encoder states and reused.
 
-The blocks (attention, MLP, RMSNorm, RoPE) are imported from ``modeling_quill.py``; this file travels beside it in
-every checkpoint, so it imports its siblings relatively and nothing from the ``quill`` package.
+The blocks (attention, MLP, norms, position encodings) are imported from ``modeling_quill.py``; this file travels
+beside it in every checkpoint (with ``pipeline_quill_seq2seq.py``, the translation pipeline), so it imports its
+siblings relatively and nothing from the ``quill`` package.
 """
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -37,6 +41,7 @@ from .modeling_quill import (
     quill_mlp,
     quill_norm,
 )
+from .pipeline_quill_seq2seq import CUSTOM_PIPELINES  # imported so that save_pretrained copies the pipeline file
 
 # The Auto classes a seq2seq checkpoint loads as. They replace the decoder-only entries QuillConfig starts with
 # (AutoModelForCausalLM would build a decoder without the encoder's weights from a seq2seq folder).
@@ -68,6 +73,9 @@ def check_seq2seq_config(config: QuillConfig) -> None:
     # Keep an entry that already names the seq2seq class (loaded from the Hub it reads "org/repo--module.Class").
     current = config.auto_map or {}
     config.auto_map = {k: current[k] if current.get(k, "").endswith(v) else v for k, v in SEQ2SEQ_AUTO_MAP.items()}
+    # pipeline("translation") / ("text2text-generation") through the checkpoint's own pipeline (removed upstream in
+    # transformers 5.24); a fresh copy, since pipeline() replaces the class names in it with classes.
+    config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
 
 
 class QuillPositions(nn.Module):
