@@ -28,23 +28,34 @@ from quill.model import QuillConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 CAUSAL_LM, CLASSIFIER = "causal-lm", "classifier"
 MASKED_LM, TOKEN_CLASSIFIER, QUESTION_ANSWERING = "masked-lm", "token-classifier", "question-answering"
+POLICY = "policy"  # the model a stage trains; every other kind is a frozen model used outside the Trainer
 
 
 class Task(NamedTuple):
+    name: str
     auto: type  # the Auto class that loads (or builds from a config) this kind of model
     peft_task_type: str | None  # PEFT's task type for LoRA on it; None is PEFT's generic model (forwards labels)
-    head: dict  # from_pretrained/config kwargs unless the stage gives its own (a classifier is a 1-output reward head)
+    head: dict  # from_pretrained / config kwargs of its head: a classifier is a 1-output reward head unless told
+
+    def with_head(self, **head) -> "Task":
+        """The same task with its own head, e.g. TASKS[CLASSIFIER].with_head(id2label=..., label2id=...); with no
+        arguments, the head a checkpoint was saved with."""
+        return self._replace(head=head)
 
 
-# What a stage's `task` loads: one row per kind of model (causal LM, reward/label classifier, encoder heads).
+# What a stage's `task` loads: one row per kind of model (causal LM, reward/label classifier, encoder heads). A stage
+# passes a name from here, or a Task (e.g. with its own head).
 TASKS = {
-    CAUSAL_LM: Task(AutoModelForCausalLM, "CAUSAL_LM", {}),
-    CLASSIFIER: Task(AutoModelForSequenceClassification, "SEQ_CLS", {"num_labels": 1}),
-    MASKED_LM: Task(AutoModelForMaskedLM, None, {}),
-    TOKEN_CLASSIFIER: Task(AutoModelForTokenClassification, "TOKEN_CLS", {}),
-    QUESTION_ANSWERING: Task(AutoModelForQuestionAnswering, "QUESTION_ANS", {}),
+    CAUSAL_LM: Task(CAUSAL_LM, AutoModelForCausalLM, "CAUSAL_LM", {}),
+    CLASSIFIER: Task(CLASSIFIER, AutoModelForSequenceClassification, "SEQ_CLS", {"num_labels": 1}),
+    MASKED_LM: Task(MASKED_LM, AutoModelForMaskedLM, None, {}),
+    TOKEN_CLASSIFIER: Task(TOKEN_CLASSIFIER, AutoModelForTokenClassification, "TOKEN_CLS", {}),
+    QUESTION_ANSWERING: Task(QUESTION_ANSWERING, AutoModelForQuestionAnswering, "QUESTION_ANS", {}),
 }
-POLICY = "policy"  # the model a stage trains; every other kind is a frozen model used outside the Trainer
+
+
+def task_spec(task: "str | Task") -> Task:
+    return task if isinstance(task, Task) else TASKS[task]
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
@@ -74,14 +85,14 @@ def check_model_path(path: str) -> None:
     )
 
 
-def load_model(model_args, tokenizer, task: str = CAUSAL_LM, kind: str = POLICY, head: dict | None = None):
-    """Load `model_args.model_name_or_path` as a `task` model (see TASKS), or build a fresh Quill of that task from
-    `model_args.model_config` (training from scratch), placed on the training device (see `place`; `kind` says what
-    the model is for). `head` (e.g. num_labels, id2label, label2id) replaces the task's default head settings."""
+def load_model(model_args, tokenizer, task: "str | Task" = CAUSAL_LM, kind: str = POLICY):
+    """Load `model_args.model_name_or_path` as a `task` model (a TASKS name, or a Task with its own head), or build a
+    fresh Quill of that task from `model_args.model_config` (training from scratch), placed on the training device
+    (see `place`; `kind` says what the model is for)."""
     dtype = DTYPES[getattr(model_args, "dtype", None) or "float32"]
     attn = getattr(model_args, "attn_implementation", None)
-    auto, _, default_head = TASKS[task]
-    head = default_head if head is None else head
+    task = task_spec(task)
+    auto, head = task.auto, task.head
     if not model_args.model_name_or_path:
         quantization_config(model_args)  # refuses 4/8-bit here: a fresh model has no pretrained weights to quantize
         if "vocab_size" in (model_args.model_config or {}):
@@ -123,12 +134,12 @@ def load_model(model_args, tokenizer, task: str = CAUSAL_LM, kind: str = POLICY,
             "check the path or Hub id; a corrupted model.safetensors must be restored or retrained",
         ) from None
     check_tokenizer_fits(model, tokenizer, path)
-    if task != CAUSAL_LM:
+    if task.name != CAUSAL_LM:
         model.config.pad_token_id = tokenizer.pad_token_id
     return place(model, kind)
 
 
-def load_for_inference(path: str, model_args, kind: str, tokenizer, task: str = CAUSAL_LM):
+def load_for_inference(path: str, model_args, kind: str, tokenizer, task: "str | Task" = CAUSAL_LM):
     """A model a stage computes with outside its Trainer (`kind`: reward, judge, reference, teacher, sampler, eval),
     in eval mode on the training device, with the dtype and attention backend of the stage's model arguments
     (`model_args` None: float32, the model's default attention). Its revision applies only to the stage's own
@@ -194,14 +205,14 @@ def check_tokenizer_fits(model, tokenizer, where: str) -> None:
             raise QuillError(f"tokenizer's {name} is {actual} but model '{where}' was configured with {expected}", fix)
 
 
-def peft_config(model_args, task: str = CAUSAL_LM):
+def peft_config(model_args, task: "str | Task" = CAUSAL_LM):
     """TRL's LoRA config from the model arguments; the task type follows the stage unless the user set it."""
     from trl import get_peft_config
 
-    stage_task = TASKS[task].peft_task_type
+    stage_task = task_spec(task).peft_task_type
     if model_args.use_peft and model_args.lora_task_type not in (None, stage_task):
         raise QuillError(
-            f"lora_task_type is {model_args.lora_task_type} but this stage trains a {task} model",
+            f"lora_task_type is {model_args.lora_task_type} but this stage trains a {task_spec(task).name} model",
             f"drop lora_task_type, or set it to {stage_task}" if stage_task else "drop lora_task_type",
         )
     model_args.lora_task_type = stage_task
