@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerFast
 from quill.errors import QuillError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+MASK = "<|mask|>"  # only in tokenizers trained with mask_token (masked-LM pretraining of an encoder)
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END]  # ids 0..6 in a freshly trained tokenizer
 _SPECIAL_RE = re.compile("|".join(map(re.escape, SPECIAL_TOKENS)))
@@ -51,12 +52,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on `texts` and return it with Quill's special tokens and chat template."""
-    smallest = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, mask_token: str | None = None
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` and return it with Quill's special tokens and chat template. `mask_token`
+    (e.g. MASK) adds a mask token for masked-LM pretraining, after the others (ids 0..6 do not move)."""
+    special = SPECIAL_TOKENS + ([mask_token] if mask_token else [])
+    smallest = 256 + len(special)  # every byte plus the special tokens
     if vocab_size <= smallest:
         raise QuillError(
-            f"tokenizer vocab_size: expected more than {smallest} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), "
+            f"tokenizer vocab_size: expected more than {smallest} (256 bytes + {len(special)} special tokens), "
             f"found {vocab_size}",
             fix="use a vocab_size of a few thousand for a small model, e.g. 4096",
         )
@@ -71,7 +76,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any byte stays encodable: no unknown token needed
         show_progress=False,
     )
@@ -92,6 +97,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         pad_token=PAD,
         extra_special_tokens=[SYSTEM, USER, ASSISTANT, END],
         chat_template=CHAT_TEMPLATE,
+        **({"mask_token": mask_token} if mask_token else {}),
     )
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from quill.arguments import DataArguments, OutputArguments
 from quill.data.tokenizer import CHAT_TEMPLATE, bytes_per_token, train_tokenizer
-from quill.errors import run_guarded
+from quill.errors import QuillError, run_guarded
 from quill.loading import load_tokenizer
 from quill.options import parse_stage_args
 from quill.output import clear_for_overwrite, finish_folder, read_json, write_json
@@ -26,6 +26,14 @@ class TokenizerConfig:
         default=None, metadata={"help": "Use this existing tokenizer (Hub id or folder) instead of training one."}
     )
     max_train_documents: int | None = field(default=None, metadata={"help": "Train on at most this many documents."})
+    # None by default, so the fingerprints of tokenizers built before this option existed still match.
+    mask_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "Add this special token as the mask token, for masked-LM pretraining (the mlm stage), e.g. "
+            "<|mask|>. An adopted tokenizer (tokenizer_name_or_path) gets it unless it has a mask token already."
+        },
+    )
     streaming: bool = field(
         default=False,
         metadata={
@@ -53,10 +61,20 @@ def train(data_args: DataArguments, args: TokenizerConfig, output: OutputArgumen
             tokenizer = load_tokenizer(args.tokenizer_name_or_path)
             if tokenizer.chat_template is None:
                 tokenizer.chat_template = CHAT_TEMPLATE  # later stages talk in chat; give it Quill's template
+            if args.mask_token and tokenizer.mask_token is None:
+                tokenizer.add_special_tokens({"mask_token": args.mask_token})
+            elif args.mask_token and tokenizer.mask_token != args.mask_token:
+                raise QuillError(
+                    f"tokenizer '{args.tokenizer_name_or_path}' already has the mask token "
+                    f"{tokenizer.mask_token!r}, not {args.mask_token!r}",
+                    f"set mask_token: {tokenizer.mask_token!r}, or drop mask_token",
+                )
         else:
             texts = list(itertools.islice(texts, args.max_train_documents))  # a stream stops reading here
             log(f"tokenizer: training a {args.vocab_size}-token BPE on {len(texts)} documents")
-            tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+            tokenizer = train_tokenizer(
+                texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency, mask_token=args.mask_token
+            )
         metrics = {"vocab_size": len(tokenizer), "bytes_per_token": bytes_per_token(tokenizer, held_out)}
         if output.overwrite:
             clear_for_overwrite(out)
