@@ -15,6 +15,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -28,6 +29,7 @@ from quill.model import QuillConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 CAUSAL_LM, CLASSIFIER = "causal-lm", "classifier"
 MASKED_LM, TOKEN_CLASSIFIER, QUESTION_ANSWERING = "masked-lm", "token-classifier", "question-answering"
+SEQ2SEQ_LM = "seq2seq-lm"
 POLICY = "policy"  # the model a stage trains; every other kind is a frozen model used outside the Trainer
 
 
@@ -51,6 +53,8 @@ TASKS = {
     MASKED_LM: Task(MASKED_LM, AutoModelForMaskedLM, None, {}),
     TOKEN_CLASSIFIER: Task(TOKEN_CLASSIFIER, AutoModelForTokenClassification, "TOKEN_CLS", {}),
     QUESTION_ANSWERING: Task(QUESTION_ANSWERING, AutoModelForQuestionAnswering, "QUESTION_ANS", {}),
+    # An encoder-decoder; is_encoder_decoder makes a fresh QuillConfig a QuillForConditionalGeneration's.
+    SEQ2SEQ_LM: Task(SEQ2SEQ_LM, AutoModelForSeq2SeqLM, "SEQ_2_SEQ_LM", {"is_encoder_decoder": True}),
 }
 
 
