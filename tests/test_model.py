@@ -1,6 +1,9 @@
-"""Quill model: backends agree, packed rows stay separate, generation, checkpointing, save/load, PEFT, TRL."""
+"""Quill model: backends agree, packed rows stay separate, generation, checkpointing, save/load, PEFT, TRL; the
+first three for every architecture the config allows (position encoding x norm placement x norm type x MLP, as a
+decoder and as an encoder)."""
 
 import copy
+import itertools
 import warnings
 
 import pytest
@@ -10,13 +13,27 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import quill.model.modeling_quill as modeling_quill
-from quill.model import PACKED_ATTENTION, QuillConfig, QuillForCausalLM, QuillForSequenceClassification
+from quill.model import (
+    PACKED_ATTENTION,
+    QuillConfig,
+    QuillForCausalLM,
+    QuillForMaskedLM,
+    QuillForSequenceClassification,
+)
+from quill.model.configuration_quill import NORM_POSITIONS, NORM_TYPES, POSITION_EMBEDDINGS
 from quill.model.kernels_quill import SHORT_DOCUMENT_LEN, DocumentLayout
 
 # "sdpa" is Quill's default and its packing-aware path; PACKED_ATTENTION ("quill_sdpa") names that kernel alone.
 BACKENDS = ["eager", "sdpa", PACKED_ATTENTION]
 # transformers 5.24 renamed the KV-cache argument past_key_values -> cache; before that past_key_values is the name.
 CACHE_RENAMED = Version(transformers.__version__).release >= (5, 24)
+# Every architecture the config allows. The plain MLP's activations differ only by the function applied (gelu here;
+# relu and gelu_new are checked in test_model_options.py).
+ARCHITECTURES = [
+    dict(position_embedding=p, norm_position=n, norm_type=t, hidden_act=a)
+    for p, n, t, a in itertools.product(POSITION_EMBEDDINGS, NORM_POSITIONS, NORM_TYPES, ("silu", "gelu"))
+]
+ARCH_IDS = ["-".join(a.values()) for a in ARCHITECTURES]
 
 
 def tiny_config(**overrides) -> QuillConfig:
@@ -448,3 +465,74 @@ def test_packed_backend_under_bf16_autocast_keeps_documents_apart_and_tracks_fp3
         reference = model(ids, position_ids=pos).logits
     assert max_diff(out.logits.float(), reference) <= 0.1
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every architecture: the guarantees above hold for each position encoding, norm placement, norm type and MLP,
+# as a decoder (CausalLM) and as an encoder (MaskedLM).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def arch_model(arch: dict, is_decoder: bool, attn: str | None = None, **overrides):
+    torch.manual_seed(0)
+    config = tiny_config(is_decoder=is_decoder, **arch, **overrides)
+    model = (QuillForCausalLM if is_decoder else QuillForMaskedLM)(config)
+    if attn is not None:
+        model.set_attn_implementation(attn)
+    return model.eval()
+
+
+@pytest.mark.parametrize("is_decoder", [True, False], ids=["decoder", "encoder"])
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=ARCH_IDS)
+def test_every_architecture_backends_agree_with_padding_and_gradients(arch, is_decoder):
+    ref = arch_model(arch, is_decoder, "eager").train()
+    x = torch.randint(3, 101, (2, 24))
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0  # left padding (decoders) / padding anywhere (encoders): real tokens must not see it
+    labels = x.masked_fill(mask == 0, -100)
+    labels[0, 5] = -100  # a causal loss would read it from the last pad position, whose output is arbitrary
+    results = {}
+    for attn in BACKENDS:
+        model = with_backend(ref, attn)
+        out = model(x, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results[attn] = (out.logits.detach()[mask.bool()], grads)
+    for attn in BACKENDS[1:]:
+        assert max_diff(results[attn][0], results["eager"][0]) <= 1e-5, attn
+        assert max_diff(results[attn][1], results["eager"][1]) <= 1e-5, attn
+
+
+@pytest.mark.parametrize("is_decoder", [True, False], ids=["decoder", "encoder"])
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=ARCH_IDS)
+def test_every_architecture_keeps_packed_documents_apart(arch, is_decoder):
+    docs, ids, pos = packed_row([7, 23, 4, 30])
+    for attn in BACKENDS:
+        model = arch_model(arch, is_decoder, attn)
+        with torch.no_grad():
+            packed = model(ids, position_ids=pos).logits[0]
+            start = 0
+            for doc in docs:
+                alone = model(doc[None]).logits[0]
+                assert max_diff(packed[start : start + len(doc)], alone) <= 1e-5, (attn, start)
+                start += len(doc)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=ARCH_IDS)
+def test_every_decoder_architecture_decodes_the_same_with_and_without_cache(arch):
+    """Per-step logits with and without the KV cache, and a left-padded batch row decoding its unpadded tokens."""
+    prompt = torch.randint(3, 101, (1, 9))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    scores = dict(output_logits=True, return_dict_in_generate=True)
+    for attn in ("eager", "sdpa"):
+        model = arch_model(arch, True, attn, initializer_range=0.5)
+        cached = model.generate(prompt, use_cache=True, **kwargs, **scores)
+        uncached = model.generate(prompt, use_cache=False, **kwargs, **scores)
+        assert torch.equal(cached.sequences, uncached.sequences), attn
+        for step, (a, b) in enumerate(zip(cached.logits, uncached.logits, strict=True)):
+            assert max_diff(a, b) <= 1e-4, (attn, step)
+        other = torch.randint(3, 101, (1, 14))
+        ids = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), prompt], dim=1), other])
+        mask = (torch.arange(14)[None] >= torch.tensor([[5], [0]])).long()
+        batched = model.generate(ids, attention_mask=mask, **kwargs)
+        assert torch.equal(batched[0, 14:], cached.sequences[0, 9:]), attn

@@ -112,7 +112,8 @@ def packed_sdpa_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """SDPA that keeps packed documents apart. Inputs are (batch, heads, seq, head_dim) like every backend."""
     batch, heads, q_len, head_dim = query.shape
-    full_prefix = attention_mask is None and key.shape[2] == q_len and q_len > 1
+    # Documents are attended causally: an encoder's (bidirectional) attention takes the stock path with its mask.
+    full_prefix = attention_mask is None and key.shape[2] == q_len and q_len > 1 and getattr(module, "is_causal", True)
     if document_layout == "unset":
         has_positions = full_prefix and position_ids is not None
         document_layout = DocumentLayout.from_position_ids(position_ids, batch) if has_positions else None
@@ -140,8 +141,11 @@ def packed_sdpa_attention_forward(
 
 
 def packed_sdpa_mask(*args, attention_mask=None, q_length=None, kv_length=None, kv_offset=0, **kwargs):
-    """No mask at all for unpadded full-prefix input: the backend finds documents itself (no LxL tensor)."""
-    if attention_mask is None and q_length == kv_length and isinstance(kv_offset, int) and kv_offset == 0:
+    """No mask at all for unpadded full-prefix causal input: the backend finds documents itself (no LxL tensor).
+    Bidirectional masks (``create_bidirectional_mask`` passes ``allow_is_bidirectional_skip``) follow sdpa's rules:
+    the per-document kernel is causal only."""
+    causal = "allow_is_bidirectional_skip" not in kwargs
+    if causal and attention_mask is None and q_length == kv_length and isinstance(kv_offset, int) and kv_offset == 0:
         return None
     return sdpa_mask(
         *args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, kv_offset=kv_offset, **kwargs

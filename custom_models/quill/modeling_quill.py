@@ -152,11 +152,19 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 def alibi_attention_mask(
-    mask: torch.Tensor | None, num_heads: int, q_len: int, kv_len: int, causal: bool, dtype: torch.dtype, device
+    mask: torch.Tensor | None,
+    documents: torch.Tensor | None,
+    num_heads: int,
+    q_len: int,
+    kv_len: int,
+    causal: bool,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> torch.Tensor:
     """The additive (batch|1, heads, q_len, kv_len) float mask ALiBi attends with: ``-slope * distance`` where
-    ``mask`` allows attention, the dtype's minimum elsewhere. ``mask`` is what transformers built (bool for sdpa,
-    0/min floats for eager, or None where it would rely on ``is_causal``); queries are the last ``q_len`` keys.
+    attention is allowed, the dtype's minimum elsewhere. Allowed is what ``mask`` says (transformers' mask: bool for
+    sdpa, 0/min floats for eager); where that is None (no padding: plain causal or bidirectional), ``documents``
+    (packed rows' document ids, or None) still keeps packed documents apart. Queries are the last ``q_len`` keys.
 
     Distances are taken between token indices, not position ids: they differ only by a row's left padding (masked)
     or across packed documents (masked), and indices also hold for cached keys. An additive bias rules out SDPA's
@@ -164,10 +172,12 @@ def alibi_attention_mask(
     q_idx = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
     distance = q_idx - torch.arange(kv_len, device=device)[None, :]
     bias = -alibi_slopes(num_heads).to(device)[None, :, None, None] * distance.abs()
-    if mask is None:
-        allowed = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
-    else:
+    if mask is not None:
         allowed = mask if mask.dtype == torch.bool else mask == 0
+    else:
+        allowed = (distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool))[None, None]
+        if documents is not None:
+            allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])
     return torch.where(allowed, bias.to(dtype), torch.finfo(dtype).min)
 
 
@@ -449,7 +459,8 @@ class QuillModel(QuillPreTrainedModel):
         if not config.is_decoder:
             # Bidirectional; packed documents kept apart by transformers' block mask (the per-document kernel below
             # is causal, and its padded buckets would be attended to by a bidirectional query).
-            packed = find_packed_sequence_indices(position_ids) if attention_mask is None and not compiling else None
+            rows = position_ids.expand(inputs_embeds.shape[0], -1)
+            packed = find_packed_sequence_indices(rows) if attention_mask is None else None
             mask = create_bidirectional_mask(
                 config,
                 inputs_embeds,
@@ -470,14 +481,11 @@ class QuillModel(QuillPreTrainedModel):
             mask = create_causal_mask(config, inputs_embeds, attention_mask, mask_cache, position_ids=position_ids)
         if alibi:
             q_len = inputs_embeds.shape[1]
+            # quill_sdpa builds no mask for packed rows (its kernel finds the documents; ALiBi cannot use it).
+            documents = find_packed_sequence_indices(position_ids) if mask is None and past_seen == 0 else None
+            heads, kv_len, embeds = config.num_attention_heads, past_seen + q_len, inputs_embeds
             mask = alibi_attention_mask(
-                mask,
-                config.num_attention_heads,
-                q_len,
-                past_seen + q_len,
-                config.is_decoder,
-                inputs_embeds.dtype,
-                inputs_embeds.device,
+                mask, documents, heads, q_len, kv_len, config.is_decoder, embeds.dtype, embeds.device
             )
         return mask
 
