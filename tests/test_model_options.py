@@ -181,3 +181,114 @@ def test_model_revision_loads_that_revision_from_the_hub(checkpoint, hub_server,
     (tmp_path / "changed").mkdir()
     proc = hub_server.run_python(code, str(path), str(tmp_path / "changed"), timeout=300)
     assert proc.stdout.strip().endswith("ok")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# QuillConfig's architecture options: each value builds its own code path, anything else is refused at config time.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def quill(cls=None, seed=0, **options):
+    from quill.model import QuillConfig, QuillForCausalLM
+
+    torch.manual_seed(seed)
+    config = QuillConfig(depth=2, hidden_size=32, num_attention_heads=2, vocab_size=50, pad_token_id=0, **options)
+    return (cls or QuillForCausalLM)(config).eval()
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+@pytest.mark.parametrize(
+    "option, value, choices",
+    [
+        ("position_embedding", "relative", "rope, sinusoidal, learned, alibi"),
+        ("norm_position", "sandwich", "pre, post"),
+        ("norm_type", "batchnorm", "rmsnorm, layernorm"),
+        ("hidden_act", "tanh", "silu, gelu, gelu_new, relu"),
+        ("classifier_pooling", "max", "first, mean, last"),
+    ],
+)
+def test_architecture_option_outside_its_choices_is_refused(option, value, choices):
+    from quill.model import QuillConfig
+
+    with pytest.raises(ValueError, match=f"{option} must be one of {choices}; got '{value}'"):
+        QuillConfig(depth=1, **{option: value})
+
+
+@pytest.mark.parametrize(
+    "act, module, intermediate",
+    [
+        ("silu", None, 128),
+        ("gelu", "GELUActivation", 128),
+        ("gelu_new", "NewGELUActivation", 128),
+        ("relu", "ReLU", 128),
+    ],
+)
+def test_hidden_act_picks_the_mlp(act, module, intermediate):
+    mlp = quill(hidden_act=act).model.layers[0].mlp
+    if act == "silu":  # SwiGLU: one fused gate/up projection, 8/3 * hidden rounded to 64
+        assert type(mlp).__name__ == "QuillMLP" and mlp.gate_up_proj.out_features == 2 * intermediate
+    else:  # plain: up -> act -> down, 4 * hidden
+        assert type(mlp).__name__ == "QuillPlainMLP" and type(mlp.act_fn).__name__ == module
+        assert mlp.up_proj.out_features == intermediate
+    # The activation is what runs: the same weights under relu give other outputs than under gelu.
+    if act == "gelu":
+        relu = quill(hidden_act="relu")
+        relu.load_state_dict(quill(hidden_act="gelu").state_dict())
+        ids = torch.randint(1, 50, (1, 12))
+        assert (logits(relu, ids) - logits(quill(hidden_act="gelu"), ids)).abs().max() > 1e-4
+
+
+def test_norm_type_and_position_are_built_and_run():
+    ln = quill(norm_type="layernorm")
+    assert isinstance(ln.model.layers[0].input_layernorm, torch.nn.LayerNorm)
+    assert isinstance(ln.model.layers[0].self_attn.q_norm, torch.nn.LayerNorm)  # QK-norm follows norm_type
+    assert type(quill().model.layers[0].input_layernorm).__name__ == "QuillRMSNorm"
+    pre, post = quill(), quill(norm_position="post")
+    assert isinstance(post.model.norm, torch.nn.Identity)  # Add & Norm ends each block normalised: no final norm
+    post.load_state_dict(pre.state_dict(), strict=False)  # same weights, other placement
+    ids = torch.randint(1, 50, (1, 12))
+    assert (logits(pre, ids) - logits(post, ids)).abs().max() > 1e-3
+    # Post-norm: every layer's output is normalised (RMS 1 per token), pre-norm's residual stream is not.
+    with torch.no_grad():
+        states = post.model(ids, output_hidden_states=True).hidden_states[1:]
+    assert all(torch.allclose(h.pow(2).mean(-1), torch.ones(1), atol=1e-3) for h in states)
+
+
+@pytest.mark.parametrize("position", ["rope", "sinusoidal", "learned", "alibi"])
+def test_position_embedding_is_honoured(position):
+    """Absolute encodings (sinusoidal, learned) change when every position shifts by the same amount; relative ones
+    (rope, alibi) do not. Without any position signal a bidirectional encoder would be blind to order: with each
+    encoding, swapping two tokens changes more than their two outputs."""
+    from quill.model import QuillForMaskedLM
+
+    model = quill(position_embedding=position)
+    ids = torch.randint(1, 50, (1, 12))
+    shifted = logits(model, ids, position_ids=torch.arange(12)[None] + 5)
+    moved = (shifted - logits(model, ids)).abs().max().item()
+    assert moved > 1e-4 if position in ("sinusoidal", "learned") else moved < 1e-4
+    assert hasattr(model.model, "embed_positions") == (position in ("sinusoidal", "learned"))
+    assert (model.model.rotary_emb is not None) == (position == "rope")
+
+    encoder = quill(QuillForMaskedLM, is_decoder=False, position_embedding=position)
+    swapped = ids.clone()
+    swapped[0, [2, 9]] = ids[0, [9, 2]]
+    a, b = logits(encoder, ids), logits(encoder, swapped)
+    others = [i for i in range(12) if i not in (2, 9)]
+    assert (a[0, others] - b[0, others]).abs().max() > 1e-4
+
+
+def test_alibi_refuses_backends_without_an_additive_bias():
+    model = quill(position_embedding="alibi")
+    model.config._attn_implementation = "flex_attention"  # set directly: flex needs no extra package here
+    with pytest.raises(ValueError, match="alibi.*needs an additive attention bias"):
+        model(torch.randint(1, 50, (1, 5)))
+
+
+def test_learned_positions_past_the_table_are_refused():
+    model = quill(position_embedding="learned", max_position_embeddings=16)
+    with pytest.raises(ValueError, match="past the learned table"):
+        model(torch.randint(1, 50, (1, 17)))

@@ -111,6 +111,19 @@ class QuillConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        # A ValueError here, not in validate_architecture (whose errors reach the caller wrapped in hub's
+        # StrictDataclassClassValidationError, which is no ValueError).
+        choices = {
+            "position_embedding": POSITION_EMBEDDINGS,
+            "norm_position": NORM_POSITIONS,
+            "norm_type": NORM_TYPES,
+            "hidden_act": GATED_ACTIVATIONS + PLAIN_ACTIVATIONS,
+            "classifier_pooling": (None, *CLASSIFIER_POOLINGS),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                shown = ", ".join(a for a in allowed if a is not None)
+                raise ValueError(f"{name} must be one of {shown}; got {getattr(self, name)!r}")
         # The dial: depth sets everything not given explicitly.
         if self.num_hidden_layers is None:
             self.num_hidden_layers = self.depth if self.depth is not None else 4
@@ -146,16 +159,6 @@ class QuillConfig(PreTrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        choices = {
-            "position_embedding": POSITION_EMBEDDINGS,
-            "norm_position": NORM_POSITIONS,
-            "norm_type": NORM_TYPES,
-            "hidden_act": GATED_ACTIVATIONS + PLAIN_ACTIVATIONS,
-            "classifier_pooling": CLASSIFIER_POOLINGS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.position_embedding == "rope" and self.head_dim % 2 != 0:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.position_embedding == "sinusoidal" and self.hidden_size % 2 != 0:
