@@ -4,7 +4,7 @@ Each stage is a module `quill.stages.<name>` with `ARG_TYPES` (its config datacl
 docs/recipes.md has the whole contract. Importing this package imports no stage (they pull in torch and TRL).
 """
 
-STAGES = ("tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "distill")
+STAGES = ("tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "distill", "seq2seq", "mlm", "classify", "qa")
 # Stages whose output is a sequence classifier (a reward model) rather than a causal LM.
 CLASSIFIER_STAGES = ("reward",)
 
