@@ -1,12 +1,17 @@
 """A saved Quill checkpoint loads where the project is NOT importable (trust_remote_code), as transformers users
 get it."""
 
+import itertools
 import json
 import subprocess
 import sys
 import textwrap
 
+import torch
 from tiny_model import save_checkpoint
+
+from quill.model import QuillConfig, QuillForCausalLM, QuillForMaskedLM
+from quill.model.configuration_quill import NORM_POSITIONS, NORM_TYPES, POSITION_EMBEDDINGS
 
 # Runs first in the child: any import of the project's packages fails, as on a machine without Quill installed.
 BLOCK_PROJECT = textwrap.dedent("""
@@ -38,6 +43,10 @@ def test_checkpoint_has_full_auto_map_and_code(tmp_path):
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
     assert (tmp_path / "modeling_quill.py").exists() and (tmp_path / "configuration_quill.py").exists()
+    save_checkpoint(tmp_path / "encoder", cls=QuillForMaskedLM, is_decoder=False)
+    auto_map = json.loads((tmp_path / "encoder" / "config.json").read_text())["auto_map"]
+    heads = ("MaskedLM", "SequenceClassification", "TokenClassification", "QuestionAnswering")
+    assert set(auto_map) == {"AutoConfig", "AutoModel", *(f"AutoModelFor{h}" for h in heads)}
 
 
 def test_pipeline_and_reward_model_load_without_the_project(tmp_path):
@@ -75,3 +84,40 @@ def test_pipeline_and_reward_model_load_without_the_project(tmp_path):
     assert result["module"].startswith("transformers_modules.")  # the copied code, not the project
     assert result["rm_class"] == "QuillForSequenceClassification" and result["rm_shape"] == [2, 1]
     assert result["attn"] == ["sdpa", "sdpa"]  # transformers' default name, as for its own models
+
+
+def test_every_architecture_loads_without_the_project(tmp_path):
+    """Each option combination the config allows, as a decoder and as an encoder, saved and loaded with only
+    trust_remote_code=True in one fresh interpreter: the same logits as the model that was saved."""
+    x = torch.randint(1, 50, (2, 11))
+    expected = {}
+    for is_decoder, p, n, t, a in itertools.product(
+        (True, False), POSITION_EMBEDDINGS, NORM_POSITIONS, NORM_TYPES, ("silu", "gelu")
+    ):
+        name = f"{'decoder' if is_decoder else 'encoder'}-{p}-{n}-{t}-{a}"
+        options = dict(position_embedding=p, norm_position=n, norm_type=t, hidden_act=a, is_decoder=is_decoder)
+        torch.manual_seed(0)
+        config = QuillConfig(depth=1, hidden_size=32, num_attention_heads=2, vocab_size=50, **options)
+        model = (QuillForCausalLM if is_decoder else QuillForMaskedLM)(config).eval()
+        model.save_pretrained(tmp_path / name)
+        with torch.no_grad():
+            expected[name] = model(x).logits
+    result = run_isolated(
+        f"""
+        import json, torch
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+        x = torch.tensor({x.tolist()})
+        out = {{}}
+        for name in {sorted(expected)!r}:
+            auto = AutoModelForCausalLM if name.startswith("decoder") else AutoModelForMaskedLM
+            model = auto.from_pretrained({str(tmp_path)!r} + "/" + name, trust_remote_code=True).eval()
+            assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+            with torch.no_grad():
+                out[name] = model(x).logits.tolist()
+        print(json.dumps(out))
+    """,
+        tmp_path,
+    )
+    assert sorted(result) == sorted(expected) and len(result) == 64
+    for name, logits in result.items():
+        assert torch.allclose(torch.tensor(logits), expected[name], atol=1e-5), name
