@@ -4,6 +4,10 @@ The card's front matter follows the Hub's metadata rules, which the Hub checks o
 README.md: `base_model` and `datasets` hold Hub ids only (a local path is refused, and would publish the user's
 home folder), `pipeline_tag` is one of the Hub's tasks. Local sources are described without their paths.
 The push retries what can pass on a retry (network errors, 429, 5xx) and fails at once, in one line, otherwise.
+A retry, or a later push of the same folder (re-running a finished stage with push_to_hub), sends only what the Hub
+lacks: huggingface_hub re-sends a cut-off LFS upload itself, its LFS batch call skips objects already uploaded, and
+create_commit leaves out files whose remote oid matches and makes no empty commit, so a commit that went through but
+whose answer was lost is not repeated (tests/test_push_interrupted.py drops connections to check each case).
 """
 
 import time

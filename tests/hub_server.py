@@ -5,7 +5,8 @@ The machines this project is tested on cannot reach the real Hub, yet the projec
 `datasets.load_dataset("user/ds")`, `Dataset.push_to_hub`) must still run for real. This server
 answers the routes that huggingface_hub 2.x, transformers 5 and datasets 5 call (see
 shared/notes/offline-data-and-hub.md), keeps model and dataset repos with real commits, and can be
-switched into a failure mode so fault tests can watch a push retry and then fail.
+switched into a failure mode so fault tests can watch a push retry and then fail, or have its connection
+dropped partway through.
 
 Client environment (set it *before* huggingface_hub is imported: it reads these into constants):
     HF_ENDPOINT=http://127.0.0.1:PORT  HF_TOKEN=<FAKE_TOKEN>  HF_HOME=<empty tmp dir>
@@ -24,7 +25,8 @@ Run it standalone (prints its URL on the first line of stdout, then serves until
 Test-control routes (no token needed; the server listens on 127.0.0.1 only):
 
     GET  /_test/mode                 -> {"mode": ..., "remaining": ...}
-    POST /_test/mode  {"mode": "down"|"refusing"|"ok", "count": N|null}
+    POST /_test/mode  {"mode": "down"|"refusing"|"dropping"|"dropping-after"|"ok", "count": N|null,
+                       "match": "path substring"|null}
     GET  /_test/log                  -> [{"method", "path", "status"}, ...]
 
 "down" answers every write call (repo create/delete, preupload, commit, LFS batch and upload) with
@@ -32,6 +34,13 @@ Test-control routes (no token needed; the server listens on 127.0.0.1 only):
 backoff, which keeps fault tests short); "refusing" answers them with 403, which is not retried.
 With "count" the mode applies to that many write calls and then reverts to "ok", to test
 retry-then-succeed.
+
+Dropped connections, as a network cut or a proxy timeout leaves them: "dropping" reads half of the
+request body and then closes the connection without an answer (the write never happens);
+"dropping-after" handles the request in full (the write happens) and closes the connection instead
+of answering, so the client cannot know it succeeded. Both log status 0. With "match" a mode applies
+only to write calls whose path contains that text (e.g. "/_lfs/" for LFS uploads, "/commit/"), and
+only those count.
 
 Branches: `create_branch` (`POST /api/{type}s/{repo}/branch/{name}`) starts one from a revision
 (default: main); commits and downloads take any branch or commit. Private repos answer 404 to a
@@ -53,11 +62,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import fnmatch
 import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -74,7 +85,7 @@ FAKE_TOKEN = "hf_quillFakeTokenForLoopbackHubTests"
 FAKE_USER = "user"
 DEFAULT_BRANCH = "main"
 REPO_TYPES = ("model", "dataset", "space")
-MODES = ("ok", "down", "refusing")
+MODES = ("ok", "down", "refusing", "dropping", "dropping-after")
 MAX_BODY_BYTES = 256 * 1024 * 1024  # tests push tiny repos; anything bigger is a bug in a test
 MAX_LOG_ENTRIES = 10_000
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024  # the Hub stores any file above 10 MB in LFS
@@ -319,13 +330,19 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
-        self.status_sent, self.bytes_sent = 0, 0
+        self.status_sent, self.bytes_sent, self.drop_answer = 0, 0, False
         try:
+            # Where a write will be cut off mid-body, the body is not drained: half of it is read, then we hang up.
+            failure = self.server.failure_for(self.command, url.path)
+            if failure == "dropping":
+                self._drop(half_body=True)
+                return
             self.body = self._read_body()  # drained first, whatever the answer will be
             handler, groups, kind = self._route(url.path)
             self._check_token(required=kind == "write")
             if kind != "read":
-                self.server.check_failure_mode()
+                self.server.check_failure_mode(failure)
+            self.drop_answer = failure == "dropping-after"
             getattr(self, "h_" + handler)(**groups)
         except HubError as e:
             self._send_error(e)
@@ -333,7 +350,18 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as e:  # a bug in this server: answer 500 so the client does not hang
             self._send_error(HubError(500, f"hub_server internal error: {e!r}"))
-        self.server.record(self.command, self.path, self.status_sent, self.bytes_sent)
+        if self.status_sent is not None:  # None: dropped, and recorded as such
+            self.server.record(self.command, self.path, self.status_sent, self.bytes_sent)
+
+    def _drop(self, half_body: bool = False) -> None:
+        """Hang up without an answer (after reading half the body, with `half_body`): the client sees its
+        connection reset or closed mid-request."""
+        if half_body:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0) // 2)
+        self.close_connection = True
+        with contextlib.suppress(OSError):  # the client may have gone already
+            self.connection.shutdown(socket.SHUT_RDWR)
+        self.server.record(self.command, self.path, 0, 0)
 
     def _route(self, path: str) -> tuple[str, dict, str]:
         for method, pattern, handler, kind in COMPILED_ROUTES:
@@ -381,6 +409,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     # answers -------------------------------------------------------------------------------
     def _send(self, status: int, body: bytes = b"", content_type: str = "application/json", headers=None) -> None:
+        if self.drop_answer:  # "dropping-after": the request took effect; its answer is lost
+            self._drop()
+            self.status_sent = None  # recorded already, as 0
+            return
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -447,7 +479,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         body = self._json_body()
         if body.get("mode") not in MODES:
             raise HubError(400, f"mode must be one of {MODES}")
-        self.server.set_mode(body["mode"], body.get("count"))
+        self.server.set_mode(body["mode"], body.get("count"), body.get("match"))
         self._send_json(self.server.mode_info())
 
     def h_test_log(self):
@@ -478,8 +510,12 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         private = body.get("private") is True or body.get("visibility") == "private"
         repo = self.server.store.create(repo_type, repo_id, private)
         if repo is None:
-            # create_repo(exist_ok=True) treats exactly this status as "already there".
-            raise HubError(409, f"You already created this {repo_type} repo")
+            # create_repo(exist_ok=True) treats exactly this status as "already there", then reads the repo's url
+            # from the body, as the Hub sends it.
+            message = f"You already created this {repo_type} repo"
+            url = self._repo_url(self.server.store.get(repo_type, repo_id))
+            self._send_json({"error": message, "url": url}, 409, {"X-Error-Message": message})
+            return
         self._send_json({"url": self._repo_url(repo), "name": repo_id, "id": repo_id})
 
     def h_delete_repo(self):
@@ -754,28 +790,38 @@ class HubHTTPServer(ThreadingHTTPServer):
         self.lfs = lfs  # False: preupload answers "regular" for every file (for clients with Xet on)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self._state_lock = threading.Lock()
-        self._mode, self._remaining = "ok", None
+        self._mode, self._remaining, self._match = "ok", None, None
         self._log: list[dict] = []
 
     # failure mode --------------------------------------------------------------------------
-    def set_mode(self, mode: str, count: int | None = None) -> None:
-        """'ok', 'down' (503) or 'refusing' (403) for write calls; `count` limits it to N calls."""
+    def set_mode(self, mode: str, count: int | None = None, match: str | None = None) -> None:
+        """'ok', 'down' (503), 'refusing' (403), 'dropping' or 'dropping-after' (connection closed before or after
+        the write) for write calls; `count` limits it to N calls, `match` to calls whose path contains it."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         with self._state_lock:
-            self._mode, self._remaining = mode, count
+            self._mode, self._remaining, self._match = mode, count, match
 
     def mode_info(self) -> dict:
         with self._state_lock:
-            return {"mode": self._mode, "remaining": self._remaining}
+            return {"mode": self._mode, "remaining": self._remaining, "match": self._match}
 
-    def check_failure_mode(self) -> None:
+    def failure_for(self, method: str, path: str) -> str:
+        """The mode this request meets ('ok' for reads and unmatched paths), counted against `count`."""
+        if not any(m == method and p.fullmatch(path) and kind != "read" for m, p, _, kind in COMPILED_ROUTES):
+            return "ok"
         with self._state_lock:
             mode = self._mode
-            if mode != "ok" and self._remaining is not None:
+            if mode == "ok" or (self._match is not None and self._match not in path):
+                return "ok"
+            if self._remaining is not None:
                 self._remaining -= 1
                 if self._remaining <= 0:
-                    self._mode, self._remaining = "ok", None
+                    self._mode, self._remaining, self._match = "ok", None, None
+        return mode
+
+    def check_failure_mode(self, mode: str) -> None:
+        """Answer a write call as the mode `failure_for` gave it says: 503 when down, 403 when refusing."""
         if mode == "down":
             raise HubError(503, "Service Unavailable (the test hub is down)", headers={"Retry-After": "0"})
         if mode == "refusing":
@@ -809,8 +855,8 @@ class HubServer:
         self.httpd.server_close()
         self._thread.join(timeout=5)
 
-    def set_mode(self, mode: str, count: int | None = None) -> None:
-        self.httpd.set_mode(mode, count)
+    def set_mode(self, mode: str, count: int | None = None, match: str | None = None) -> None:
+        self.httpd.set_mode(mode, count, match)
 
     @property
     def log(self) -> list[dict]:
