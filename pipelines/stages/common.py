@@ -46,7 +46,7 @@ from quill.output import (
     write_json,
 )
 from quill.stages.distributed import enable_fsdp_on_cpu, save_full_model
-from quill.stages.guards import CheckpointHygiene, StopOnNonFiniteLoss
+from quill.stages.guards import CheckpointHygiene, StopOnNonFiniteLoss, StopOnPreemption, exit_if_preempted
 from quill.stages.tracking import configure_tracking
 
 # TRL's configs default gradient_checkpointing=True, which transformers 5 flags as deprecated on every TRL stage
@@ -108,6 +108,8 @@ def start_stage(name, data_args, model_args, args, output, task: str = CAUSAL_LM
     stage = Stage(name=name, output_dir=out, model_args=model_args, args=args, output=output, fingerprint=fp, held=held)
     if finished:
         stage.skipped, stage.metrics = True, read_json(out / "metrics.json")
+        if output.push_to_hub and is_main_process():  # e.g. a push cut off last time: the Hub gets only what it lacks
+            push_stage(out, output, name)
         return stage
     args.output_dir = str(out / CHECKPOINTS)  # resume points; the stage folder itself only ever holds a final model
     args.push_to_hub = False  # the finished folder is pushed once, by run_stage, not every checkpoint mid-run
@@ -134,7 +136,7 @@ def start_stage(name, data_args, model_args, args, output, task: str = CAUSAL_LM
             "restore the model folder, or re-run the stage that wrote it with overwrite=true",
         ) from None
     stage.peft_config = peft_config(model_args, task)
-    stage.callbacks = [StopOnNonFiniteLoss(), CheckpointHygiene()]
+    stage.callbacks = [StopOnNonFiniteLoss(), CheckpointHygiene(), StopOnPreemption(name)]
     return stage
 
 
@@ -308,6 +310,7 @@ def run_stage(stage: Stage, trainer, evaluate, datasets: list[str], compare=None
             result = trainer.train(resume_from_checkpoint=resume)
         except OSError as err:
             raise disk_error(err, out / CHECKPOINTS) from err
+        exit_if_preempted(trainer)  # SIGTERM/SIGUSR1 stopped it at a saved checkpoint: exit 75, saying how to resume
         after = evaluate()
         metrics = {**before.metrics, **after, **(compare(before.metrics, after) if compare else {})}
         metrics = {k: v for k, v in metrics.items() if not k.startswith("_")} | run_summary(stage, trainer, result)
