@@ -37,6 +37,17 @@ ENCODER_AUTO_MAP = {
     "AutoModelForQuestionAnswering": "modeling_quill.QuillForQuestionAnswering",
 }
 
+# transformers 5.24 removed its question-answering pipeline; an encoder checkpoint names Quill's (pipeline_quill.py,
+# copied beside the weights) so that pipeline("question-answering", model=folder, trust_remote_code=True) answers.
+QA_PIPELINE = {
+    "question-answering": {
+        "impl": "pipeline_quill.QuillQuestionAnsweringPipeline",
+        "pt": ["AutoModelForQuestionAnswering"],
+        "tf": [],
+        "type": "text",
+    }
+}
+
 # The choices of each architecture option; the first is the default.
 POSITION_EMBEDDINGS = ("rope", "sinusoidal", "learned", "alibi")
 NORM_POSITIONS = ("pre", "post")
@@ -150,6 +161,8 @@ class QuillConfig(PreTrainedConfig):
             self.use_cache = False  # an encoder sees the whole input at once: nothing to cache
         default_map = AUTO_MAP if self.is_decoder else ENCODER_AUTO_MAP
         kwargs["auto_map"] = {**default_map, **(kwargs.get("auto_map") or {})}
+        if not self.is_decoder:
+            kwargs["custom_pipelines"] = {**QA_PIPELINE, **(kwargs.get("custom_pipelines") or {})}
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):

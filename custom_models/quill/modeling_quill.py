@@ -690,7 +690,15 @@ class QuillForTokenClassification(GenericForTokenClassification, QuillPreTrained
 class QuillForQuestionAnswering(GenericForQuestionAnswering, QuillPreTrainedModel):
     """Extractive QA as in BERT: start and end logits per token from one linear ``qa_outputs``; the loss is the mean
     of the start and end cross-entropies against ``start_positions`` / ``end_positions``. transformers' generic
-    forward and loss."""
+    forward and loss. ``pipeline("question-answering")`` runs ``pipeline_class()`` (see pipeline_quill.py)."""
+
+    @staticmethod
+    def pipeline_class():
+        # A relative import: transformers copies it beside every checkpoint with this file (it is read lazily, so
+        # loading a model does not import transformers' pipeline machinery).
+        from .pipeline_quill import QuillQuestionAnsweringPipeline
+
+        return QuillQuestionAnsweringPipeline
 
     def __init__(self, config: QuillConfig):
         QuillPreTrainedModel.__init__(self, config)
