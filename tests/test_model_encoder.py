@@ -225,3 +225,26 @@ def _close(a, b) -> bool:
     if isinstance(a, float):
         return abs(a - b) <= 1e-5
     return a == b
+
+
+def test_span_search_and_long_contexts_read_in_windows():
+    from quill.model.pipeline_quill import best_spans
+
+    start = torch.tensor([[0.0, 9.0, 1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0, 8.0, 0.0]])
+    end = torch.tensor([[9.0, 0.0, 1.0, 0.0, 5.0, 0.0], [0.0, 0.0, 4.0, 0.0, 0.0, 7.0]])
+    context = torch.tensor([[False, True, True, True, True, False], [False, False, True, True, True, True]])
+    # Window 0: start 1 and end 4 (its highest end logit, token 0, is not context); window 1: start 4, end 5.
+    spans = best_spans(start, end, context, max_answer_len=4, top_k=2)
+    assert [s[1:] for s in spans] == [(0, 1, 4), (1, 4, 5)] and spans[0][0] > spans[1][0] > 0.9
+    # At most 3 tokens: window 0's span (4 tokens) is out, window 1's wins.
+    assert best_spans(start, end, context, max_answer_len=3, top_k=1)[0][1:] == (1, 4, 5)
+
+    tokenizer = encoder_tokenizer()
+    model = build(QuillForQuestionAnswering, vocab_size=len(tokenizer))
+    context_text = " ".join(SENTENCES[:12])  # ~70 words: several 24-token windows
+    qa = QuillForQuestionAnswering.pipeline_class()(model=model, tokenizer=tokenizer)
+    answers = qa(question="where did the cat sit", context=context_text, max_seq_len=24, doc_stride=8, top_k=3)
+    assert len(answers) == 3 and len({(a["start"], a["end"]) for a in answers}) == 3
+    for a in answers:
+        assert 0 <= a["start"] < a["end"] <= len(context_text) and context_text[a["start"] : a["end"]] == a["answer"]
+    assert answers[0]["score"] >= answers[1]["score"] >= answers[2]["score"]
