@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import torch
 from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 import quill.metric_modules
 from quill.arguments import DataArguments, ModelArguments, OutputArguments
@@ -68,6 +70,32 @@ class Seq2SeqConfig(Seq2SeqTrainingArguments):
 
 
 ARG_TYPES = (DataArguments, ModelArguments, Seq2SeqConfig, OutputArguments)
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped order, drawn from (seed, epoch) instead of the global RNG: the Trainer calls
+    set_epoch before each epoch, so a resumed run replays the interrupted epoch's batches exactly (with the stock
+    sampler the order after a kill differed, and so did the weights)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+class QuillSeq2SeqTrainer(Seq2SeqTrainer):
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+        return sampler
 
 
 def pair_of(row: dict, args: Seq2SeqConfig) -> tuple[object, object, str]:
@@ -166,7 +194,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: Seq2SeqCon
         if task_rows:
             heldout = tokenize_pairs(datasets.Dataset.from_list(task_rows), stage.tokenizer, args, "task_eval")
     log(f"seq2seq: {len(train_rows)} training pairs, {len(eval_rows or [])} eval, {len(heldout or [])} held-out")
-    trainer = Seq2SeqTrainer(
+    trainer = QuillSeq2SeqTrainer(
         model=stage.model,
         args=args,
         train_dataset=train_rows,
