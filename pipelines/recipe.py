@@ -34,7 +34,8 @@ RECIPE_FILE = "recipe.yaml"
 RECIPES_DIR = Path(str(resources.files("quill.recipes")))  # shipped with the package (recipes/ in a checkout)
 ACCELERATE_DIR = RECIPES_DIR / "accelerate"
 RECIPE_KEYS = ("name", "description", "output_dir", "accelerate_config", "stages")
-STAGE_KEYS = ("name", "config", "from", "reward_model", "stage", "module", "accelerate_config")
+STAGE_KEYS = ("name", "config", "from", "reward_model", "teacher", "stage", "module", "accelerate_config")
+STAGE_REFS = ("from", "reward_model", "teacher")  # entry keys that name an earlier stage
 
 
 @dataclass
@@ -48,6 +49,7 @@ class StageSpec:
     accelerate_config: Path | None = None
     use_cpu: bool = False  # the accelerate config says use_cpu (multi_gpu_launcher does not pass it on)
     where: str = ""  # "recipe.yaml stage 'sft'", for messages
+    teacher: str | None = None  # an earlier stage whose output a distill stage learns from
 
 
 @dataclass
@@ -130,7 +132,7 @@ def load_recipe(recipe_dir: str | os.PathLike, accelerate_config: str | None = N
         config = folder / str(entry["config"]) if entry.get("config") else None
         if config is not None and not config.is_file():
             raise QuillError(f"{where}: config file {display_path(config)} not found", nearby_file_hint(config))
-        refs = {key: _earlier_stage(entry.get(key), key, stages, stages_raw, where) for key in ("from", "reward_model")}
+        refs = {key: _earlier_stage(entry.get(key), key, stages, stages_raw, where) for key in STAGE_REFS}
         acc, acc_where = (
             (entry["accelerate_config"], where) if "accelerate_config" in entry else (default_acc, default_acc_where)
         )
@@ -147,6 +149,7 @@ def load_recipe(recipe_dir: str | os.PathLike, accelerate_config: str | None = N
                 acc_path,
                 use_cpu,
                 where,
+                refs["teacher"],
             )
         )
     output_dir = Path(raw.get("output_dir") or Path("outputs") / name)
@@ -328,13 +331,14 @@ def plan_recipe(
             ("model_name_or_path", s.from_stage),
             ("tokenizer_name_or_path", tokenizer_dep),
             ("reward_model_path", s.reward_model),
+            ("teacher_model_name_or_path", s.teacher),
         ):
             if dep is None or key in explicit or names.index(dep) > names.index(s.name):
                 continue  # set explicitly, or a tokenizer stage placed after this one (not its tokenizer)
             if key not in accepted[s.name]:
                 if key == "tokenizer_name_or_path":
                     continue  # optional: only stages that load a tokenizer take it
-                entry = "from" if key == "model_name_or_path" else "reward_model"
+                entry = {"model_name_or_path": "from", "reward_model_path": "reward_model"}.get(key, "teacher")
                 raise QuillError(
                     f"{s.where}: its module {s.module} accepts no {key}",
                     f"drop the stage's {entry}, or give its ARG_TYPES a field {key}",
