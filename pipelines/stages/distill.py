@@ -137,6 +137,7 @@ def cached(stage, name: str, compute) -> dict:
         return saved
     metrics = compute()
     if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, {**metrics, "fingerprint": stage.fingerprint})
     return metrics
 
