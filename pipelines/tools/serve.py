@@ -12,6 +12,14 @@ This runs `transformers serve MODEL` itself (its FastAPI app, chat-completion ha
   `AutoModelForCausalLM`, as `pipeline()` loads it.
 - `GET /` is a one-page web chat (web_chat.html beside this file) that talks to `/v1/chat/completions` on the
   same origin.
+- Bad requests get a 4xx whose body is one line in OpenAI's error format, `{"error": {"message", "type", "code"}}`:
+  a body that is not JSON (FastAPI's default is a 422 with a list of pydantic details), messages that are not a
+  list of turns, and a prompt that leaves no room for a reply in the model's context (`max_position_embeddings`;
+  transformers' server would generate past it). A request that names no reply budget gets what the context has left.
+
+Requests are served concurrently by transformers' server: each model generates on one inference thread, in arrival
+order, and a streaming client that disconnects cancels its generation at the next token (DirectStreamer.cancel).
+tests/test_serve_load.py checks both under concurrent clients; bench/serve_load.py measures throughput and latency.
 
 Without --trust-remote-code a Quill folder runs Quill's installed code (registered with the Auto classes); with it,
 the code copied beside the checkpoint runs, exactly as for `transformers serve --trust-remote-code`. Replies stop at
@@ -112,18 +120,86 @@ def remote_code_model_manager(base):
 
 
 def with_web_page(build_server, max_tokens: int):
-    """transformers' app factory, plus `GET /`: the web chat page, told the reply budget it should ask for."""
+    """transformers' app factory, plus `GET /` (the web chat page, told the reply budget it should ask for), the
+    context check on chat requests and one-line errors."""
     page = resources.files("quill.tools").joinpath(WEB_PAGE).read_text(encoding="utf-8")
     page = page.replace("__QUILL_MAX_TOKENS__", str(max_tokens))
 
-    def build(*args, **kwargs):
+    def build(model_manager, chat_handler, *args, **kwargs):
         from fastapi.responses import HTMLResponse
 
-        app = build_server(*args, **kwargs)
+        chat_handler.handle_request = within_context(chat_handler)
+        app = build_server(model_manager, chat_handler, *args, **kwargs)
         app.add_api_route("/", lambda: HTMLResponse(page), methods=["GET"], include_in_schema=False)
+        one_line_errors(app)
         return app
 
     return build
+
+
+def within_context(chat_handler):
+    """The chat handler's `handle_request`, after checking that the messages are turns and that the prompt leaves
+    room for the reply in the model's context (400 otherwise, as OpenAI's context_length_exceeded)."""
+    handle = chat_handler.handle_request
+
+    async def handle_request(body: dict, request_id: str):
+        from fastapi import HTTPException
+
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise HTTPException(400, "'messages' must be a non-empty list of {role, content} objects")
+        _, model, processor = chat_handler._resolve_model(dict(body))  # the loaded model (a copy: it edits body)
+        context = getattr(model.config, "max_position_embeddings", None)
+        if not context:
+            return await handle(body, request_id)
+        try:
+            ids = processor.apply_chat_template(messages, add_generation_prompt=True, return_dict=False,
+                                                tools=body.get("tools"))  # fmt: skip
+        except Exception as err:  # a template that refuses these messages (roles out of order, missing content)
+            why = one_line(err, 200)
+            raise HTTPException(400, f"the messages do not fit the model's chat template ({why})") from None
+        prompt, asked = len(ids), body.get("max_completion_tokens") or body.get("max_tokens")
+        if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool) or asked < 1):
+            raise HTTPException(400, f"max_tokens must be a positive whole number, found {asked!r}")
+        if prompt + (asked or 1) > context:
+            wanted = f"{prompt} in the messages" + (f" and {asked} for the reply" if asked else "")
+            fix = "shorten the messages" + (" or lower max_tokens" if asked else "")
+            raise HTTPException(400, f"this model's context is {context} tokens, the request needs {wanted}; {fix}")
+        if not asked and body.get("generation_config") is None:
+            default = max(model.generation_config.max_new_tokens or 0, 1024)  # transformers' server default
+            body["max_tokens"] = min(default, context - prompt)
+        return await handle(body, request_id)
+
+    return handle_request
+
+
+def one_line_errors(app) -> None:
+    """Every HTTP error as OpenAI's API answers one, `{"error": {"message", "type", "code"}}`, its message one line:
+    what the OpenAI client shows, instead of FastAPI's `{"detail": ...}` (for a body that is not JSON, a 422 with a
+    list of pydantic error objects)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    def error(status: int, message: str) -> JSONResponse:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSONResponse({"error": {"message": one_line(message), "type": kind, "code": status}}, status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request, exc: RequestValidationError):
+        first = next(iter(exc.errors()), {})
+        if first.get("type") == "json_invalid":
+            return error(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'unreadable')})")
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return error(400, f"invalid request body: {first.get('msg', 'unreadable')} ({where})")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)  # a failed generation: Starlette still logs the traceback on the server
+    async def server_error(request, exc: Exception):
+        return error(500, f"generation failed ({type(exc).__name__}: {one_line(exc, 300)})")
 
 
 def start_server(
