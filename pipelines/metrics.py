@@ -1,15 +1,15 @@
 """Held-out metrics that stages record and tools report: loss and bits per byte on text, greedy task accuracy,
-reward-model and DPO preference accuracy, and the generation helpers they share.
+reward-model scores, and the generation helpers they share; preference accuracy (DPO's implicit reward, a reward
+model's ranking) comes from TRL's own trainers (`preference_eval`).
 
 Every function here runs under `torch.no_grad()` in eval mode (the model's mode is restored afterwards), batches its
 inputs, and generates greedily with a bounded `max_new_tokens`, so a stage can call it before and after training.
-The `evaluate` library is not used: its metrics are scripts fetched from the Hub at `evaluate.load()` time, which
-fails offline, and the metrics here are means of per-example scores anyway.
 """
 
 import math
+import warnings
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -41,15 +41,11 @@ def _batches(items: list, size: int):
         yield items[i : i + size]
 
 
-def _pad(seqs: list[list[int]], pad_id: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad by hand so the caller's tokenizer (its padding_side) is never changed."""
-    width = max(len(s) for s in seqs)
-    ids, mask = [], []
-    for s in seqs:
-        fill = [pad_id] * (width - len(s))
-        ids.append(fill + s if side == "left" else s + fill)
-        mask.append([0] * len(fill) + [1] * len(s) if side == "left" else [1] * len(s) + [0] * len(fill))
-    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+def _pad(tokenizer, seqs: list[list[int]], side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tokenizer.pad` on the given side for this call only: the caller's tokenizer (its padding_side) is left as is.
+    Every tokenizer a stage holds has a pad token (`quill.loading.load_tokenizer` sets EOS where there is none)."""
+    batch = tokenizer.pad({"input_ids": seqs}, padding_side=side, return_tensors="pt")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
 def pad_token_id(tokenizer) -> int:
@@ -95,36 +91,6 @@ def _tokenize(tokenizer, content, **template_kwargs) -> list[int]:
     )["input_ids"]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def preference_ids(tokenizer, pair: dict) -> tuple[list[int], list[int], list[int]]:
-    """(prompt, chosen, rejected) ids of a preference pair, split exactly as TRL's DPOTrainer splits them.
-
-    Prompt and prompt + answer are tokenized whole (chat template for message lists; EOS appended to plain-text
-    answers) and the answers start where the token lists diverge. A pair without a prompt (implicit prompt) gets
-    its shared opening messages as the prompt, as in TRL.
-    """
-    from trl.data_utils import maybe_extract_prompt
-
-    pair = maybe_extract_prompt(dict(pair))
-    prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
-    if isinstance(prompt, str):
-        eos = tokenizer.eos_token or ""
-        chosen, rejected = (a if a.endswith(eos) else a + eos for a in (chosen, rejected))
-        prompt_ids = _tokenize(tokenizer, prompt)
-    else:
-        chosen, rejected = _as_messages(chosen), _as_messages(rejected)
-        prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True)
-    with_chosen, with_rejected = _tokenize(tokenizer, prompt + chosen), _tokenize(tokenizer, prompt + rejected)
-    n = min(_common_prefix(prompt_ids, with_chosen), _common_prefix(prompt_ids, with_rejected))
-    return prompt_ids[:n], with_chosen[n:], with_rejected[n:]
-
-
 # -- held-out text ---------------------------------------------------------------------------------------------
 
 
@@ -155,7 +121,7 @@ def heldout_loss(model, tokenizer, texts: list[str], max_length: int = 256, batc
     device = _device(model)
     with _inference(model):
         for batch in _batches(windows, batch_size):
-            input_ids, mask = _pad(batch, pad_token_id(tokenizer), "right", device)
+            input_ids, mask = _pad(tokenizer, batch, "right", device)
             logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
             labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
             nats += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
@@ -206,7 +172,7 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, num_samples
     with _inference(model):
         for batch in _batches(order, max(1, batch_size // num_samples)):
             # Left padding: every row's prompt ends at the same column, so new tokens line up after it.
-            input_ids, mask = _pad([encoded[i] for i in batch], pad, "left", device)
+            input_ids, mask = _pad(tokenizer, [encoded[i] for i in batch], "left", device)
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
@@ -225,10 +191,12 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, num_samples
 
 
 def correctness(rows: list[dict], completions: list[str]) -> list[bool]:
-    """Whether each completion is fully correct (score 1.0; reasoning-gym gives partial credit below that)."""
+    """Whether each completion is fully correct (`tasks.is_correct`)."""
     from quill.data import tasks as task_lib  # here, not at the top: reasoning-gym is slow to import
 
-    return [task_lib.score(row["task"], text, row) >= 1.0 for row, text in zip(rows, completions, strict=True)]
+    return [
+        task_lib.is_correct(task_lib.score(row["task"], text, row)) for row, text in zip(rows, completions, strict=True)
+    ]
 
 
 def accuracy_groups(rows: list[dict]) -> dict[str, list[int]]:
@@ -251,7 +219,7 @@ def accuracy_metrics(rows: list[dict], correct: list) -> dict:
 
 
 def score_completions(rows: list[dict], completions: list[str]) -> dict:
-    """Fraction fully correct (score 1.0; reasoning-gym gives partial credit below that), overall and per task."""
+    """Fraction fully correct (`tasks.is_correct`), overall and per task."""
     return accuracy_metrics(rows, correctness(rows, completions))
 
 
@@ -294,7 +262,7 @@ def reward_metrics(rows: list[dict], completions: list[str], reward_funcs: list 
 def _reward_scores(model, tokenizer, seqs: list[list[int]], batch_size: int) -> torch.Tensor:
     device, scores = _device(model), []
     for batch in _batches(seqs, batch_size):
-        input_ids, mask = _pad(batch, pad_token_id(tokenizer), "right", device)
+        input_ids, mask = _pad(tokenizer, batch, "right", device)
         scores.append(model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().cpu())
     return torch.cat(scores)
 
@@ -321,60 +289,49 @@ def reward_model_scores(
     return out
 
 
-def reward_preference_accuracy(reward_model, tokenizer, pairs: list[dict], batch_size: int = 16) -> dict:
-    """Fraction of pairs the reward model ranks right (score(chosen) > score(rejected)), and the mean margin.
-
-    Chosen and rejected are scored as whole conversations (prompt + answer) through the chat template, the way
-    TRL's RewardTrainer sees them.
-    """
-    if reward_model.config.pad_token_id is None:  # sequence classifiers pool at the last non-pad token
-        reward_model.config.pad_token_id = pad_token_id(tokenizer)
-    split = [preference_ids(tokenizer, p) for p in pairs]
-    with _inference(reward_model):
-        chosen = _reward_scores(reward_model, tokenizer, [p + c for p, c, _ in split], batch_size)
-        rejected = _reward_scores(reward_model, tokenizer, [p + r for p, _, r in split], batch_size)
-    margin = chosen - rejected
-    return {"preference_accuracy": (margin > 0).float().mean().item(), "reward_margin": margin.mean().item()}
+# DPOTrainer and RewardTrainer evaluate preference pairs themselves (DPO's implicit reward against the trainer's own
+# reference model or precomputed log-probs; the reward model's ranking); stages record their numbers under these names.
+# Both are means of per-batch means (TRL averages each eval batch, then the batches), exact when the batch size
+# divides the number of pairs.
+PREFERENCE_EVAL_KEYS = {
+    "DPOTrainer": {"eval_rewards/accuracies": "dpo_reward_accuracy", "eval_rewards/margins": "dpo_reward_margin"},
+    "RewardTrainer": {"eval_accuracy": "preference_accuracy", "eval_margin": "reward_margin"},
+}
 
 
-def completion_logps(
-    model, tokenizer, examples: list[tuple[list[int], list[int]]], batch_size: int = 16
-) -> torch.Tensor:
-    """Summed log-probabilities of each completion given its prompt; examples are (prompt ids, completion ids)."""
-    device, out = _device(model), []
-    for batch in _batches(examples, batch_size):
-        input_ids, mask = _pad([p + c for p, c in batch], pad_token_id(tokenizer), "right", device)
-        scored = torch.zeros_like(mask)
-        for row, (p, c) in enumerate(batch):
-            scored[row, len(p) : len(p) + len(c)] = 1
-        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-        logps = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        out.append((logps * scored[:, 1:]).sum(-1).cpu())
-    return torch.cat(out)
+def preference_eval(trainer) -> dict:
+    """The trainer's own `evaluate()` on its eval pairs, under Quill's metric names."""
+    keys = next(v for k, v in PREFERENCE_EVAL_KEYS.items() if any(c.__name__ == k for c in type(trainer).__mro__))
+    metrics = trainer.evaluate()
+    return {ours: metrics[theirs] for theirs, ours in keys.items()}
 
 
-def dpo_preference_accuracy(
-    policy, reference, tokenizer, pairs: list[dict], beta: float = 0.1, batch_size: int = 16
-) -> dict:
-    """DPO's implicit reward r = beta * (log p_policy - log p_reference), summed over the completion tokens.
+def preference_accuracy(model, tokenizer, pairs: list[dict], reference=None, beta: float = 0.1, batch_size=16) -> dict:
+    """A saved model's preference metrics on `pairs`, computed by the trainer that trains such a model (nothing is
+    trained): with `reference`, DPO's implicit-reward accuracy and margin; without, a reward model's accuracy and
+    margin."""
+    import tempfile
 
-    Accuracy: fraction of pairs with r(chosen) > r(rejected) (TRL's `rewards/accuracies`; 0 before training,
-    when policy == reference). `reference=None` with a PEFT policy uses the policy with its adapter disabled.
-    """
-    split = [preference_ids(tokenizer, p) for p in pairs]
-    examples = {"chosen": [(p, c) for p, c, _ in split], "rejected": [(p, r) for p, _, r in split]}
-    if reference is None and not hasattr(policy, "disable_adapter"):
-        raise QuillError(
-            "dpo_preference_accuracy: no reference model given", fix="pass the starting (SFT) model as the reference"
-        )
-    rewards = {}
-    for side, ex in examples.items():
-        with _inference(policy):
-            logp_policy = completion_logps(policy, tokenizer, ex, batch_size)
-        ref_model = reference if reference is not None else policy
-        ref_context = policy.disable_adapter() if reference is None else nullcontext()
-        with _inference(ref_model), ref_context:
-            logp_ref = completion_logps(ref_model, tokenizer, ex, batch_size)
-        rewards[side] = beta * (logp_policy - logp_ref)
-    margin = rewards["chosen"] - rewards["rejected"]
-    return {"dpo_reward_accuracy": (margin > 0).float().mean().item(), "dpo_reward_margin": margin.mean().item()}
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+
+    common = dict(per_device_eval_batch_size=batch_size, report_to=[], bf16=False, use_cpu=_device(model).type == "cpu")
+    data = Dataset.from_list(pairs)  # also the train set: the trainers require one, and nothing is trained
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fp32 and "no eval strategy" notices of an evaluation-only trainer
+        if reference is None:
+            args = RewardConfig(output_dir=tmp, **common)
+            trainer = RewardTrainer(
+                model=model, args=args, train_dataset=data, eval_dataset=data, processing_class=tokenizer
+            )
+        else:
+            args = DPOConfig(output_dir=tmp, beta=beta, **common)
+            trainer = DPOTrainer(
+                model=model,
+                ref_model=reference,
+                args=args,
+                train_dataset=data,
+                eval_dataset=data,
+                processing_class=tokenizer,
+            )
+        return preference_eval(trainer)

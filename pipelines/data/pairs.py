@@ -39,7 +39,9 @@ class TaskScorer:
         return [[score(row["task"], answer, row) for answer in group] for row, group in zip(rows, groups, strict=True)]
 
     def prefers(self, chosen: float, rejected: float) -> bool:
-        return chosen >= 1.0 > rejected
+        from quill.data.tasks import is_correct
+
+        return is_correct(chosen) and not is_correct(rejected)
 
 
 class RewardModelLabeller:
@@ -91,7 +93,7 @@ class JudgeLabeller:
 
     def prefer_first(self, comparisons: list[tuple[str, str, str]]) -> list[float]:
         """P(the judge prefers the first answer) for each (question, first, second), averaged over both orders."""
-        from quill.metrics import _inference, _pad, pad_token_id
+        from quill.metrics import _inference, _pad
 
         seqs = [self._prompt_ids(q, a, b) for q, a, b in comparisons] + [
             self._prompt_ids(q, b, a) for q, a, b in comparisons
@@ -100,7 +102,7 @@ class JudgeLabeller:
         device = next(self.model.parameters()).device
         with _inference(self.model):
             for start in range(0, len(seqs), self.batch_size):
-                ids, mask = _pad(seqs[start : start + self.batch_size], pad_token_id(self.tokenizer), "left", device)
+                ids, mask = _pad(self.tokenizer, seqs[start : start + self.batch_size], "left", device)
                 logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -1, self.choices].float()
                 probs += torch.softmax(logits, -1)[:, 0].tolist()  # P(A) among {A, B}
         n = len(comparisons)

@@ -211,6 +211,12 @@ def score(task: str, completion_text: str, row: dict) -> float:
     return float(_scorer(task)(extract_answer(completion_text), entry))
 
 
+def is_correct(score_value: float) -> bool:
+    """Fully correct: reasoning-gym gives partial credit below 1.0 (e.g. a sort with one number wrong), and accuracy,
+    pass@k and the scorer's preference pairs all count only full marks."""
+    return score_value >= 1.0
+
+
 def _completion_text(completion) -> str:
     # TRL passes strings for plain prompts and [{"role": "assistant", "content": ...}] for conversational ones.
     if isinstance(completion, str):

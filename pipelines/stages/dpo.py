@@ -14,21 +14,20 @@ more supervised training on the chosen answers would have bought as well is not 
 
 Reference model, three ways (all TRL's own): a frozen copy of the starting model (default), its log-probs
 precomputed once (`precompute_ref_log_probs: true`), or with `use_peft: true` the model with its adapter disabled.
+The implicit-reward accuracy on held-out pairs is DPOTrainer's own `evaluate()`, against that same reference.
 """
 
 import copy
 from dataclasses import dataclass, field
 
 from datasets import Dataset
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer
 
 from quill.arguments import DataArguments, ModelArguments, OutputArguments
 from quill.data.pairs import PolicyPairArguments
 from quill.errors import QuillError, run_guarded
 from quill.heldout import CORRECT, EvalArguments, compare_to_start, describe, paired_metrics
-from quill.loading import load_model
-from quill.metrics import dpo_preference_accuracy
+from quill.metrics import preference_eval
 from quill.options import parse_stage_args
 from quill.output import CHECKPOINTS, read_json, write_json
 from quill.stages.common import (
@@ -107,10 +106,6 @@ def train(
     if args.control and not task_rows:
         raise QuillError("dpo: control: true needs held-out prompts to compare on", "set task_eval")
     control = train_control(stage, args, train_set, task_rows, eval_args) if args.control else {}
-    # The starting model, frozen, for the implicit-reward metric (what DPO's "rewards/accuracies" measures). A copy
-    # is taken now, before training changes the weights, only where TRL keeps no reference model of its own.
-    zero3, peft = is_deepspeed_zero3_enabled(), stage.peft_config is not None
-    start = copy.deepcopy(stage.model).eval() if args.precompute_ref_log_probs and not (zero3 or peft) else None
     trainer = DPOTrainer(
         model=stage.model,
         args=args,
@@ -121,12 +116,10 @@ def train(
         callbacks=stage.callbacks,
     )
 
-    reference = metric_reference(trainer, stage, start, zero3, peft)
-
     def evaluate() -> dict:
         metrics = dict(pair_metrics)
         if eval_pairs:
-            metrics.update(dpo_preference_accuracy(trainer.model, reference, stage.tokenizer, eval_pairs, args.beta))
+            metrics.update(preference_eval(trainer))
         if task_rows:
             metrics.update(eval_args.evaluate(trainer.model, stage.tokenizer, task_rows, seed=args.seed))
         return metrics
@@ -145,22 +138,6 @@ def train(
         if line:
             log(f"dpo: {line}")
     return metrics
-
-
-def metric_reference(trainer, stage, start, zero3: bool, peft: bool):
-    """The reference model for the metric, on the training device: TRL's own when it keeps one (prepared for
-    DDP/FSDP/DeepSpeed, no second copy); None with LoRA (the policy with its adapter disabled); under ZeRO-3 with
-    precomputed reference log-probs, the starting model loaded again as TRL loads its reference (a copy of
-    partitioned weights would hold empty shards); else the copy taken before training, moved to the device."""
-    if trainer.ref_model is not None:
-        return trainer.ref_model
-    if peft:
-        return None
-    if zero3:
-        from trl.models import prepare_deepspeed
-
-        return prepare_deepspeed(load_model(stage.model_args, stage.tokenizer, kind="reference"), trainer.accelerator)
-    return start.to(trainer.accelerator.device)
 
 
 def main(argv=None):

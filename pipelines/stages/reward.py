@@ -27,7 +27,7 @@ from quill.data.pairs import PolicyPairArguments
 from quill.errors import run_guarded
 from quill.heldout import evaluate_policy
 from quill.loading import CLASSIFIER, load_for_inference
-from quill.metrics import reward_preference_accuracy
+from quill.metrics import preference_eval
 from quill.options import parse_stage_args
 from quill.rewards import reward_model_agreement
 from quill.stages.common import load_task_eval, pair_source, preference_data, report_overlong, run_stage, start_stage
@@ -99,7 +99,7 @@ def train(
     def evaluate() -> dict:
         metrics = dict(pair_metrics)
         if pairs:
-            metrics.update(reward_preference_accuracy(trainer.model, stage.tokenizer, pairs))
+            metrics.update(preference_eval(trainer))
         if on_policy:
             agreement = reward_model_agreement(
                 trainer.model, stage.tokenizer, on_policy["rows"], on_policy["samples"], on_policy["correct"]

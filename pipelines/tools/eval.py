@@ -19,14 +19,7 @@ from types import SimpleNamespace
 
 from quill.errors import QuillError, one_line, run_guarded
 from quill.loading import CAUSAL_LM, CLASSIFIER, check_model_path, load_for_inference, load_tokenizer
-from quill.metrics import (
-    dpo_preference_accuracy,
-    generate_completions,
-    heldout_loss,
-    reward_metrics,
-    reward_preference_accuracy,
-    score_completions,
-)
+from quill.metrics import generate_completions, heldout_loss, preference_accuracy, reward_metrics, score_completions
 from quill.output import MARKER, read_json
 from quill.tools.harness import parse_tasks, run_lm_eval
 
@@ -149,7 +142,7 @@ def evaluate_model(
     if kind == CLASSIFIER:
         if not data.pairs:
             raise QuillError(f"a reward model needs preference pairs; '{data.folder}' has no dpo_eval.jsonl")
-        return reward_preference_accuracy(model, tokenizer, data.pairs)
+        return preference_accuracy(model, tokenizer, data.pairs)
 
     metrics = heldout_loss(model, tokenizer, data.texts) if data.texts else {}
     stage, base = stage_info(path) if Path(path).is_dir() else (None, None)
@@ -163,7 +156,7 @@ def evaluate_model(
     reference_path = base if stage == "dpo" and data.pairs else None
     if reference_path:
         reference = load_on_device(reference_path, tokenizer, CAUSAL_LM, trust_remote_code)
-        metrics.update(dpo_preference_accuracy(model, reference, tokenizer, data.pairs))
+        metrics.update(preference_accuracy(model, tokenizer, data.pairs, reference=reference))
     elif stage == "dpo":
         _note(f"DPO implicit-reward accuracy skipped: base model '{base}' not found")
     return metrics
