@@ -10,6 +10,8 @@ decoder or encoder (``is_decoder``), the position encoding, where the norm sits 
 (``hidden_act``). Values outside the listed choices are refused here, at config time.
 """
 
+import copy
+
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
@@ -162,7 +164,8 @@ class QuillConfig(PreTrainedConfig):
         default_map = AUTO_MAP if self.is_decoder else ENCODER_AUTO_MAP
         kwargs["auto_map"] = {**default_map, **(kwargs.get("auto_map") or {})}
         if not self.is_decoder:
-            kwargs["custom_pipelines"] = {**QA_PIPELINE, **(kwargs.get("custom_pipelines") or {})}
+            # A copy: pipeline() rewrites the entry it uses in place (class names -> classes).
+            kwargs["custom_pipelines"] = {**copy.deepcopy(QA_PIPELINE), **(kwargs.get("custom_pipelines") or {})}
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):

@@ -682,7 +682,8 @@ class QuillForTokenClassification(GenericForTokenClassification, QuillPreTrained
         QuillPreTrainedModel.__init__(self, config)
         self.num_labels = config.num_labels
         self.model = QuillModel(config)
-        self.dropout = nn.Dropout(getattr(config, "classifier_dropout", None) or 0.1)
+        dropout = getattr(config, "classifier_dropout", None)  # BERT's 0.1 unless the config sets one
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
