@@ -257,8 +257,10 @@ class QuillAttention(nn.Module):
         if position_embeddings is not None:  # RoPE; the other position encodings act outside attention
             q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         query_states, key_states, value_states = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if attention_mask is not None and attention_mask.is_floating_point():
-            attention_mask = attention_mask.to(query_states.dtype)  # ALiBi's float mask under autocast: SDPA wants q's
+        if attention_mask is not None and attention_mask.is_floating_point() and attention_mask.dtype != q.dtype:
+            # Under autocast SDPA wants a float mask in q's dtype. Clamped first: fp32's minimum rounds to -inf in
+            # bf16, and a fully masked (padding) row of -inf would turn the softmax into NaN.
+            attention_mask = attention_mask.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
 
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
