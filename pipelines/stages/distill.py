@@ -17,6 +17,7 @@ the distilled student against that control and against the teacher.
 
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 from transformers import AutoConfig, TrainingArguments
@@ -39,6 +40,10 @@ from quill.stages.common import (
     start_stage,
     sync_generation_config,
 )
+
+# TRL's generation helper asks the student whether gradient checkpointing is on by a name transformers 5.24
+# deprecates; the warning says nothing a user can act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 @dataclass
