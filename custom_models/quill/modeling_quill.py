@@ -409,7 +409,10 @@ class QuillModel(QuillPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past_seen = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
+        if position_ids is None and not self.config.is_decoder and torch.is_tensor(attention_mask):
+            # An encoder counts positions from its first real token, so left padding moves no absolute position.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        elif position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
 
         hidden_states = inputs_embeds
