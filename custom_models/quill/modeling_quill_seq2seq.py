@@ -390,12 +390,6 @@ class QuillForConditionalGeneration(QuillSeq2SeqPreTrainedModel, GenerationMixin
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_encoder(self):
-        return self.model.encoder
-
-    def get_decoder(self):
-        return self.model.decoder
-
     @deprecate_past_key_values
     @can_return_tuple
     def forward(
@@ -449,11 +443,4 @@ class QuillForConditionalGeneration(QuillSeq2SeqPreTrainedModel, GenerationMixin
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
 
-__all__ = [
-    "QuillForConditionalGeneration",
-    "QuillSeq2SeqEncoder",
-    "QuillSeq2SeqDecoder",
-    "QuillSeq2SeqModel",
-    "QuillSeq2SeqPreTrainedModel",
-    "check_seq2seq_config",
-]
+__all__ = ["QuillForConditionalGeneration", "QuillSeq2SeqModel", "QuillSeq2SeqPreTrainedModel", "check_seq2seq_config"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
@@ -27,11 +28,14 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 import quill.metric_modules
 from quill.arguments import DataArguments, ModelArguments, OutputArguments
 from quill.errors import QuillError, run_guarded
-from quill.loading import SEQ2SEQ_LM
+from quill.loading import CAUSAL_LM, SEQ2SEQ_LM, load_for_inference, load_tokenizer
+from quill.metrics import correctness, generate_completions
 from quill.model import QuillConfig
 from quill.model.modeling_quill_seq2seq import QuillForConditionalGeneration
 from quill.options import parse_stage_args
+from quill.output import MARKER
 from quill.stages.common import load_stage_data, load_task_eval, log, run_stage, start_stage
+from quill.stats import paired_difference
 
 # TEMPORARY, until quill.model registers the seq2seq model beside the others (the change is in the report):
 # AutoModelForSeq2SeqLM builds it from a Quill config, and save_pretrained copies its code next to the weights.
@@ -41,6 +45,7 @@ if QuillForConditionalGeneration._auto_class is None:
 
 METRIC_MODULE = str(Path(quill.metric_modules.__file__).with_name("bleu_chrf.py"))
 METRICS = ("bleu", "chrf", "exact_match")
+PREDICTIONS = "_heldout_predictions"  # this model's held-out answers, kept for the paired comparison (never saved)
 
 
 @dataclass
@@ -59,6 +64,13 @@ class Seq2SeqConfig(Seq2SeqTrainingArguments):
     )
     generation_max_length: int | None = field(
         default=None, metadata={"help": "Tokens generated in evaluation; default: max_target_length."}
+    )
+    paired_with: str | None = field(
+        default=None,
+        metadata={
+            "help": "A finished decoder-only chat model (a stage name of this run, or a folder) that answers the same "
+            "task_eval prompts as chat: both are scored with BLEU, chrF and exact match, the exact match paired."
+        },
     )
 
     def __post_init__(self):
@@ -159,16 +171,12 @@ def tokenize_pairs(dataset, tokenizer, args: Seq2SeqConfig, where: str):
 def bleu_chrf(tokenizer):
     """compute_metrics for Seq2SeqTrainer: the generated ids decoded, scored against the decoded references."""
     import evaluate
-    import numpy as np
 
     metric = evaluate.load(METRIC_MODULE)
 
     def compute(eval_preds) -> dict:
         preds, labels = eval_preds
-        preds = np.where(preds < 0, tokenizer.pad_token_id, preds)  # -100: padding added when batches are gathered
-        labels = np.where(labels < 0, tokenizer.pad_token_id, labels)
-        predictions = [p.strip() for p in tokenizer.batch_decode(preds, skip_special_tokens=True)]
-        references = [r.strip() for r in tokenizer.batch_decode(labels, skip_special_tokens=True)]
+        predictions, references = decode(tokenizer, preds), decode(tokenizer, labels)
         scores = metric.compute(predictions=predictions, references=references)
         return {name: scores[name] for name in METRICS}
 
@@ -207,15 +215,73 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: Seq2SeqCon
 
     def evaluate() -> dict:
         metrics = {}
-        for prefix, rows in (("eval", eval_rows), ("heldout", heldout)):
-            if rows is not None:
-                scores = trainer.evaluate(eval_dataset=rows, metric_key_prefix=prefix)
-                metrics |= {
-                    f"{prefix}_{m}": scores[f"{prefix}_{m}"] for m in ("loss", *METRICS) if f"{prefix}_{m}" in scores
-                }
+        if eval_rows is not None:
+            metrics |= picked(trainer.evaluate(eval_dataset=eval_rows, metric_key_prefix="eval"), "eval")
+        if heldout is not None:
+            out = trainer.predict(heldout, metric_key_prefix="heldout")
+            metrics |= picked(out.metrics, "heldout")
+            if args.predict_with_generate:
+                metrics[PREDICTIONS] = decode(stage.tokenizer, out.predictions)
+                if all("task" in row for row in task_rows):  # the task's own scorer, as the chat stages report
+                    metrics["heldout_task_accuracy"] = mean(correctness(task_rows, metrics[PREDICTIONS]))
         return metrics
 
-    return run_stage(stage, trainer, evaluate, datasets=data_args.names())
+    def compare(before: dict, after: dict) -> dict:
+        if not args.paired_with or PREDICTIONS not in after:
+            return {}
+        return paired_comparison(args, task_rows, after[PREDICTIONS], stage, model_args)
+
+    return run_stage(stage, trainer, evaluate, datasets=data_args.names(), compare=compare)
+
+
+def picked(scores: dict, prefix: str) -> dict:
+    return {f"{prefix}_{m}": scores[f"{prefix}_{m}"] for m in ("loss", *METRICS) if f"{prefix}_{m}" in scores}
+
+
+def decode(tokenizer, ids) -> list[str]:
+    ids = np.where(ids < 0, tokenizer.pad_token_id, ids)  # -100: padding added when batches are gathered
+    return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(map(bool, values)) / len(values) if values else float("nan")
+
+
+def paired_comparison(args: Seq2SeqConfig, rows: list[dict], ours: list[str], stage, model_args) -> dict:
+    """The `paired_with` chat model answers the same held-out prompts (greedy, as chat); both sets of answers are
+    scored against the same references, and exact match is compared row by row (this model minus the other)."""
+    import evaluate
+
+    folder = finished_folder(args.paired_with, stage.output_dir)
+    tokenizer = load_tokenizer(str(folder))
+    other = load_for_inference(str(folder), model_args, "eval", tokenizer, task=CAUSAL_LM)
+    prompts = [row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+               for row in rows]  # fmt: skip
+    theirs = [t.strip() for t in generate_completions(other, tokenizer, prompts, args.generation_max_length,
+                                                      args.per_device_eval_batch_size)]  # fmt: skip
+    references = [row["answer"].strip() for row in rows]
+    name = Path(args.paired_with).name
+    scores = evaluate.load(METRIC_MODULE).compute(predictions=theirs, references=references)
+    metrics = {f"{name}_heldout_{m}": scores[m] for m in METRICS}
+    if all("task" in row for row in rows):
+        metrics[f"{name}_heldout_task_accuracy"] = mean(correctness(rows, theirs))
+    exact = paired_difference([t == r for t, r in zip(theirs, references)], [o == r for o, r in zip(ours, references)])
+    log(f"seq2seq: held-out exact match {exact.after:.3f} vs {name} {exact.before:.3f}: {exact.diff:+.3f} "
+        f"(95% CI {exact.low:+.3f}..{exact.high:+.3f}, p={exact.p_value:.2g}, {exact.verdict}); "
+        f"BLEU {name} {scores['bleu']:.1f}, chrF {name} {scores['chrf']:.1f}")  # fmt: skip
+    return metrics | exact.as_metrics(f"exact_match_vs_{name}")
+
+
+def finished_folder(name: str, output_dir: Path) -> Path:
+    """`paired_with`: a stage name of this run (a sibling of output_dir) or a folder; it must hold a finished model."""
+    folder = output_dir.parent / name if "/" not in name else Path(name)
+    if not (folder / MARKER).is_file():
+        raise QuillError(
+            f"paired_with: '{name}' is not a finished stage ({folder} has no {MARKER})",
+            "run that stage first (list it earlier in the recipe), or point paired_with at a finished folder",
+        )
+    return folder
 
 
 def main(argv=None):
