@@ -11,10 +11,12 @@ import evaluate
 import pytest
 import sacrebleu
 from test_resume import assert_same_weights, kill_after_checkpoint, run_ok
-from tiny_model import tiny_tokenizer
+from tiny_model import save_checkpoint, tiny_tokenizer
 from tiny_outputs import is_done, stage_env
 from transformers import AutoModelForSeq2SeqLM
 
+from quill.options import parse_stage_args
+from quill.output import mark_done
 from quill.stages import seq2seq
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "what", "is", "two", "plus", "four"]
@@ -128,3 +130,21 @@ def test_bleu_and_chrf_module_gives_sacrebleus_numbers():
     one = metric.compute(predictions=hyps, references=refs[0], chrf_word_order=2)
     assert one["bleu"] == sacrebleu.corpus_bleu(hyps, [refs[0]]).score
     assert one["chrf"] == sacrebleu.corpus_chrf(hyps, [refs[0]], word_order=2).score
+
+
+def test_paired_with_a_decoder_only_model_on_the_same_prompts(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    save_checkpoint(tmp_path / "decoder")  # a decoder-only chat model with the same tokenizer, as a finished stage
+    mark_done(tmp_path / "decoder", {"stage": "sft"})
+    rows = [{"prompt": f"{a} {b} {c}", "answer": f"{c} {b} {a}"} for a, b, c in [WORDS[i : i + 3] for i in range(6)]]
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("\n".join(json.dumps(r) for r in rows))
+    options = argv(data, tmp_path / "seq2seq", f"task_eval={{path: {heldout}}}", "paired_with=decoder", "max_steps=2")
+    metrics = seq2seq.train(*parse_stage_args(seq2seq.ARG_TYPES, options))
+    assert metrics["exact_match_vs_decoder_n"] == len(rows)
+    for name in ("bleu", "chrf", "exact_match"):
+        assert f"decoder_heldout_{name}" in metrics and f"heldout_{name}" in metrics
+    # The pairing scores this model's own held-out answers: its side equals the stage's exact match.
+    assert 100 * metrics["exact_match_vs_decoder_to"] == pytest.approx(metrics["heldout_exact_match"])
+    assert 100 * metrics["exact_match_vs_decoder_from"] == pytest.approx(metrics["decoder_heldout_exact_match"])
+    assert not any(k.startswith("_") for k in metrics)  # the per-row answers are not saved

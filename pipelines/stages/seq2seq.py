@@ -13,7 +13,9 @@ decoder inputs; `train_sampling_strategy: group_by_length` batches similar lengt
 Evaluation generates (greedy unless `generation_num_beams`): corpus BLEU, chrF and exact match through the shipped
 `evaluate` module `quill/metric_modules/bleu_chrf.py` (sacrebleu's numbers, offline), plus the teacher-forced loss,
 on the `eval_size` split and on `task_eval` rows ({prompt, answer}: the default data's held-out sets), before and
-after training. Under several processes the loss is transformers' own `evaluate()` average.
+after training. Under several processes the loss is transformers' own `evaluate()` average. `paired_with` names a
+decoder-only chat model (e.g. the same pairs trained by SFT): it answers the same task_eval prompts, is scored the
+same way, and the exact match is paired row by row (95% interval, exact McNemar p; quill.stats).
 """
 
 from dataclasses import dataclass, field
