@@ -161,7 +161,7 @@ def test_student_learns_a_planted_teacher_whose_weights_stay_unchanged(tiny, tmp
         f"output_dir={tmp_path / 'out'}",
         f"model_name_or_path={student_dir}",
         f"teacher_model_name_or_path={teacher_dir}",
-        "dataset_mixture=[{path: quill:default/sft_train, max_samples: 64}]",
+        "dataset_mixture=[{path: quill:default/rl_train, max_samples: 64}]",  # prompt rows (the recipe: messages)
         "per_device_train_batch_size=8",
         "max_completion_length=8",
         "max_steps=20",

@@ -106,7 +106,8 @@ def load_teacher(path: str, student, tokenizer, model_args):
 
 
 def load_prompts(data_args, control: bool):
-    """Train rows with a conversational `prompt`, plus `completion` (the data's answer) when the data has answers."""
+    """The mixture's train and eval splits, with a conversational `prompt`, plus `completion` (the data's answer)
+    when the data has answers."""
     columns = [set(load_source({**e, "path": data_args.resolve(e["path"])}).column_names)
                for e in data_args.dataset_mixture]  # fmt: skip
     if not all(c & {"messages", "completion"} for c in columns):
@@ -115,23 +116,23 @@ def load_prompts(data_args, control: bool):
                 "distill: control: true trains SFT on the data's answers, but the data holds prompts only",
                 "give conversations (messages, or prompt/completion; e.g. quill:default/sft_train), or control: false",
             )
-        return load_stage_data(data_args, "rl")["train"]
-    train = load_stage_data(data_args, "sft")["train"]
-    if "messages" not in train.column_names:
-        if isinstance(train[0]["prompt"], str):  # TRL applies the chat template only to message lists
-            train = train.map(
-                lambda r: {
-                    "prompt": [{"role": "user", "content": r["prompt"]}],
-                    "completion": [{"role": "assistant", "content": r["completion"]}],
-                }
-            )
-        return train
+        return load_stage_data(data_args, "rl")  # prompt rows, a string prompt made the user's turn
+    splits = load_stage_data(data_args, "sft")
+    if "messages" in splits["train"].column_names:
 
-    def split_last_answer(row):
-        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-        return {"prompt": row["messages"][:last], "completion": row["messages"][last : last + 1]}
+        def split_last_answer(row):
+            last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+            return {"prompt": row["messages"][:last], "completion": row["messages"][last : last + 1]}
 
-    return train.map(split_last_answer, remove_columns=["messages"])
+        return splits.map(split_last_answer, remove_columns=["messages"])
+    if isinstance(splits["train"][0]["prompt"], str):  # TRL applies the chat template only to message lists
+        splits = splits.map(
+            lambda r: {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"]}],
+            }
+        )
+    return splits
 
 
 def cached(stage, name: str, compute) -> dict:
@@ -182,7 +183,8 @@ def train(
     args.include_num_input_tokens_seen = "no"
     sync_generation_config(stage.model, stage.tokenizer)  # on-policy samples end at the end of the assistant turn
     teacher = load_teacher(args.teacher_model_name_or_path, stage.model, stage.tokenizer, model_args)
-    train_set = load_prompts(data_args, args.control)
+    splits = load_prompts(data_args, args.control)
+    train_set = splits["train"]
     task_rows = load_task_eval(data_args)
     if args.control and not task_rows:
         raise QuillError("distill: control: true needs held-out prompts to compare on", "set task_eval")
@@ -196,6 +198,7 @@ def train(
         teacher_model=teacher,
         args=args,
         train_dataset=train_set,
+        eval_dataset=splits["eval"] if len(splits["eval"]) else None,  # TRL's on-policy divergence (eval_strategy)
         processing_class=stage.tokenizer,
         peft_config=stage.peft_config,
         callbacks=stage.callbacks,
