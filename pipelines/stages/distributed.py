@@ -8,11 +8,17 @@ under FSDP and ZeRO-3, and a held-out loss that does not depend on how rows fall
   FULL_STATE_DICT (as TRL's scripts do) and ZeRO-3 gathers its 16-bit weights, so a recipe can keep fast sharded
   checkpoints and still finish with a loadable `model.safetensors`.
 - `eval_loss` is a global token-weighted mean (see its docstring for what transformers 5 does instead).
+- A dead process (`watch_ranks`): every collective gives up after `ddp_timeout` seconds (transformers passes that
+  timeout on for GPU launches only, so CPU runs waited gloo's 30 minutes), and a failed collective becomes one line
+  naming the rank that died, instead of gloo's "Connection reset by peer [127.0.0.1]:38064".
 """
 
 import contextlib
+import json
 import math
 import os
+import socket
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -127,3 +133,82 @@ def eval_loss(trainer) -> float:
     if world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
     return (totals[0] / totals[1]).item()
+
+
+# -- a process of the run dies --------------------------------------------------------------------------------------
+
+RANK_KEY = "quill/rank/{}"  # the store the launcher hosts outlives any worker: where each rank says where it runs
+
+
+def watch_ranks(trainer) -> None:
+    """Before `trainer.train()` on every rank of a multi-process run: bound every collective by the run's
+    `ddp_timeout`, record where this rank runs (host, pid) in the process group's store, and make a collective that
+    fails because another rank died raise a QuillError that names it (the launcher stops the other ranks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    from torch.distributed.distributed_c10d import _get_default_store, _set_pg_timeout
+
+    _set_pg_timeout(timedelta(seconds=trainer.args.ddp_timeout))
+    store, rank, world = _get_default_store(), dist.get_rank(), dist.get_world_size()
+    store.set(RANK_KEY.format(rank), json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    train = trainer.train
+
+    def watched_train(*args, **kwargs):
+        try:
+            return train(*args, **kwargs)
+        except (RuntimeError, dist.DistError) as err:  # gloo raises RuntimeError, NCCL DistBackendError
+            named = dead_rank_error(err, trainer, store, rank, world)
+            if named is None:
+                raise
+            raise named from err
+
+    trainer.train = watched_train
+
+
+def dead_rank_error(err: Exception, trainer, store, rank: int, world: int):
+    """A QuillError naming the ranks that died, if `err` is a collective that failed because some did; else None."""
+    import torch.distributed as dist
+
+    from quill.errors import QuillError, one_line
+    from quill.output import checkpoints, is_complete_checkpoint
+
+    if not isinstance(err, dist.DistError) and not any(w in str(err) for w in ("gloo", "NCCL", "ProcessGroup")):
+        return None  # not a collective (gloo's errors name their source file): the error speaks for itself
+    dead, silent = [], []
+    for other in (r for r in range(world) if r != rank):
+        try:
+            where = json.loads(store.get(RANK_KEY.format(other)))
+        except Exception:  # the store went with the process that hosted it
+            silent.append(other)
+            continue
+        # A process of another machine cannot be seen from here: it counts as silent, not dead.
+        (dead if where["host"] == socket.gethostname() and not _alive(where["pid"]) else silent).append(other)
+    folder = Path(trainer.args.output_dir).parent
+    complete = [p.name for p in checkpoints(folder) if is_complete_checkpoint(p)]
+    resume = f"it resumes from {complete[-1]}" if complete else "no checkpoint was complete, so it starts over"
+    step = trainer.state.global_step
+    if dead:
+        names = ", ".join(str(r) for r in dead)
+        problem = f"rank {names} of this {world}-process run died during training (step {step})"
+    else:  # every process is alive (or out of sight): one stopped answering within the timeout
+        problem = (f"a collective on rank {rank} of {world} failed during training (step {step}) and no rank has "
+                   f"died: rank {', '.join(map(str, silent))} did not answer within ddp_timeout="
+                   f"{trainer.args.ddp_timeout} s ({one_line(err, 160)})")  # fmt: skip
+    return QuillError(problem, f"see that rank's log for why; re-run the same command: {resume}")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` of this machine runs (a zombie, dead but not yet reaped by the launcher, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True

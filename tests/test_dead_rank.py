@@ -1,0 +1,94 @@
+"""A rank of a 2-process CPU run (DDP, FSDP2) is SIGKILLed mid-training: the other rank exits well within the stage's
+collective timeout with one line naming the dead rank, nothing is marked done, and the re-run resumes from the last
+complete checkpoint to the weights of an uninterrupted run. Slow: four two-process launches.
+
+The launcher (torchrun under `accelerate launch`) then stops the survivor too and prints its own failure report;
+the line checked here is the survivor's, written before that (quill.stages.distributed.watch_ranks).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_distributed import ACCELERATE, assert_close_weights, free_port
+from test_resume import newest_complete_checkpoint
+from tiny_outputs import REPO, is_done, pretrain_argv
+
+pytestmark = pytest.mark.slow
+TIMEOUT = 30  # ddp_timeout: seconds a collective waits for a rank before it fails
+
+
+def launch_cmd(config: str, out: Path, tok: Path) -> list[str]:
+    argv = pretrain_argv(out, tok, "per_device_train_batch_size=2", f"ddp_timeout={TIMEOUT}", "disable_tqdm=true")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / config)]
+    return [*cmd, "--main_process_port", str(free_port()), "-m", "quill.stages.pretrain", *argv]
+
+
+def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of the launcher's worker processes (their RANK variable)."""
+    found = {}
+    children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    for pid in map(int, children):
+        try:
+            env = dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+        except OSError:
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = pid
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks' processes through /proc")
+@pytest.mark.parametrize("config", ["cpu_ddp.yaml", "cpu_fsdp2.yaml"])
+def test_a_killed_rank_is_named_and_the_rerun_resumes_from_the_last_checkpoint(config, tiny, tmp_path):
+    out, log = tmp_path / "pretrain", tmp_path / "killed.log"
+    env = {**tiny["env"], "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        launcher = subprocess.Popen(launch_cmd(config, out, tiny["tok"]), cwd=REPO, env=env, stdout=f, stderr=f)
+    try:
+        deadline, ranks = time.monotonic() + 300, {}
+        while len(ranks) < 2 or not newest_complete_checkpoint(out):  # both ranks up, then the first checkpoint
+            assert launcher.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            ranks = ranks if len(ranks) == 2 else rank_pids(launcher)
+            time.sleep(0.005)
+        os.kill(ranks[1], signal.SIGKILL)  # mid-training: the next steps need rank 1
+        killed = time.monotonic()
+        while running(ranks[0]):
+            assert time.monotonic() - killed < 120, "the survivor is still running"
+            time.sleep(0.05)
+        survivor_seconds = time.monotonic() - killed
+        launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    text = log.read_text()
+    assert launcher.returncode != 0, text[-4000:]
+    assert survivor_seconds < TIMEOUT, f"the survivor took {survivor_seconds:.1f} s"
+    errors = [line for line in text.splitlines() if " error: " in line or line.startswith("error: ")]
+    expected = newest_complete_checkpoint(out)  # what the re-run must resume from
+    assert len(errors) == 1, text[-4000:]
+    assert errors[0].startswith("[rank 0] error: rank 1 of this 2-process run died during training"), errors
+    assert errors[0].endswith(f"it resumes from {Path(expected).name}"), errors
+    assert not is_done(out)
+
+    rerun = subprocess.run(launch_cmd(config, out, tiny["tok"]), cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=600)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    resumed = [line for line in rerun.stderr.splitlines() if "resuming from" in line]
+    assert len(resumed) == 1 and resumed[0].endswith(expected), rerun.stderr[-3000:]
+    assert is_done(out)
+    # The uninterrupted single-process run with the same global batch: float summation order apart, the same model.
+    assert_close_weights(tiny["pre"], out, tol=1e-4)
