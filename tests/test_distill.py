@@ -107,6 +107,7 @@ def recipe_run(tiny, tmp_path_factory):
     return out, proc, teacher_hash
 
 
+@pytest.mark.slow  # a recipe run and a SIGKILLed stage: several processes
 def test_recipe_distills_into_the_student_only_and_reports_paired_comparisons(recipe_run):
     out, proc, teacher_hash = recipe_run
     metrics = json.loads((out / "distill" / "metrics.json").read_text())
@@ -124,6 +125,7 @@ def test_recipe_distills_into_the_student_only_and_reports_paired_comparisons(re
     assert max((start[k] - end[k]).abs().max().item() for k in start) > 1e-4  # it really trained
 
 
+@pytest.mark.slow  # a recipe run and a SIGKILLed stage: several processes
 def test_killed_distill_stage_resumes_to_the_uninterrupted_weights(recipe_run, tiny, tmp_path):
     reference = recipe_run[0] / "distill"
     out = tmp_path / "run"
