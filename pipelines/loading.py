@@ -104,15 +104,20 @@ def load_model(model_args, tokenizer, task: "str | Task" = CAUSAL_LM, kind: str 
                 "model_config.vocab_size is set, but the tokenizer decides the vocabulary",
                 "drop vocab_size from model_config (the tokenizer stage's vocab_size sets it)",
             )
-        config = QuillConfig(
-            **(model_args.model_config or {}),
-            vocab_size=_padded_vocab(len(tokenizer)),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **head,
-        )
-        model = auto.from_config(config)
+        try:
+            config = QuillConfig(
+                **(model_args.model_config or {}),
+                vocab_size=_padded_vocab(len(tokenizer)),
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **head,
+            )
+            model = auto.from_config(config)
+        except ValueError as err:  # an option outside its choices, or a head the architecture refuses
+            raise QuillError(
+                f"model_config: {one_line(err, 300)}", "fix model_config (QuillConfig lists the choices)"
+            ) from None
         if attn:
             model.set_attn_implementation(attn)
         return place(model.to(dtype) if dtype != "auto" else model, kind)

@@ -1,7 +1,8 @@
 """`evaluate` metric modules shipped inside Quill, so the encoder stages' metrics work offline.
 
 `evaluate.load("accuracy")` fetches its script from the Hub; these are the same metrics as local scripts, loaded by
-path, with the Hub modules' inputs and outputs (drop-in for `evaluate.load("accuracy" | "f1" | "squad")`):
+path, with the Hub modules' inputs and outputs (drop-in for `evaluate.load("accuracy" | "f1" | "squad")`; the
+seq2seq stage's `bleu_chrf` is sacrebleu's BLEU and chrF):
 
     from quill import metric_modules
     f1 = metric_modules.load("f1")          # == evaluate.load(metric_modules.path("f1"))
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from quill.errors import QuillError
 
-NAMES = ("accuracy", "f1", "squad")
+# Every module file of this folder (accuracy, f1, squad; bleu_chrf for the seq2seq stage).
+NAMES = tuple(sorted(p.stem for p in Path(__file__).parent.glob("*.py") if p.stem != "__init__"))
 
 
 def path(name: str) -> str:

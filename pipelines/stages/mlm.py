@@ -111,6 +111,12 @@ def masked_once(held_out: list[dict], tokenizer, args: MLMConfig, chunk: int = 2
 
 
 def train(data_args: DataArguments, model_args: ModelArguments, args: MLMConfig, output: OutputArguments) -> dict:
+    if model_args.model_config is not None and model_args.model_config.get("is_decoder", True):
+        raise QuillError(
+            "mlm: model_config builds a decoder (is_decoder is true by default), but masked-LM pretraining needs "
+            "bidirectional attention",
+            "add is_decoder: false to model_config",
+        )
     stage = start_stage("mlm", data_args, model_args, args, output, task=MASKED_LM)
     if stage.skipped:
         return stage.metrics

@@ -140,10 +140,10 @@ def logits_of(model, features: datasets.Dataset, batch_size: int) -> tuple[np.nd
 
 
 def train(data_args: DataArguments, model_args: ModelArguments, args: QAConfig, output: OutputArguments) -> dict:
+    splits, _ = load_stage_rows(data_args, "qa")  # checked before a model is loaded: bad rows fail fast
     stage = start_stage("qa", data_args, model_args, args, output, task=QUESTION_ANSWERING)
     if stage.skipped:
         return stage.metrics
-    splits, _ = load_stage_rows(data_args, "qa")
     train_rows = train_features(splits["train"], stage.tokenizer, args)
     held_out = splits["eval"] if len(splits["eval"]) else None
     if held_out is not None:
