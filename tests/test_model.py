@@ -12,6 +12,7 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, DynamicCache
 
+import quill.model.layers_quill as layers_quill
 import quill.model.modeling_quill as modeling_quill
 from quill.model import (
     PACKED_ATTENTION,
@@ -191,7 +192,7 @@ def record_attention(monkeypatch) -> dict:
     seen = {"sdpa": [], "masks": [], "packed": 0}
     sdpa, create, packed = (
         torch.nn.functional.scaled_dot_product_attention,
-        modeling_quill.create_causal_mask,
+        layers_quill.create_causal_mask,
         modeling_quill.packed_sdpa_attention_forward,
     )
 
@@ -208,7 +209,7 @@ def record_attention(monkeypatch) -> dict:
         return packed(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_sdpa)
-    monkeypatch.setattr(modeling_quill, "create_causal_mask", spy_mask)
+    monkeypatch.setattr(layers_quill, "create_causal_mask", spy_mask)
     monkeypatch.setattr(modeling_quill, "packed_sdpa_attention_forward", spy_packed)
     return seen
 

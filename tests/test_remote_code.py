@@ -10,7 +10,7 @@ import textwrap
 import torch
 from tiny_model import save_checkpoint
 
-from quill.model import QuillConfig, QuillForCausalLM, QuillForMaskedLM
+from quill.model import QuillConfig, QuillForCausalLM, QuillForMaskedLM, QuillForSequenceClassification
 from quill.model.configuration_quill import NORM_POSITIONS, NORM_TYPES, POSITION_EMBEDDINGS
 
 # Runs first in the child: any import of the project's packages fails, as on a machine without Quill installed.
@@ -43,10 +43,14 @@ def test_checkpoint_has_full_auto_map_and_code(tmp_path):
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
     assert (tmp_path / "modeling_quill.py").exists() and (tmp_path / "configuration_quill.py").exists()
-    save_checkpoint(tmp_path / "encoder", cls=QuillForMaskedLM, is_decoder=False)
-    auto_map = json.loads((tmp_path / "encoder" / "config.json").read_text())["auto_map"]
+    # An encoder saved as a classifier (a class of modeling_quill.py) still carries the files of every head it lists.
+    encoder = tmp_path / "encoder"
+    save_checkpoint(encoder, cls=QuillForSequenceClassification, is_decoder=False, num_labels=2)
+    auto_map = json.loads((encoder / "config.json").read_text())["auto_map"]
     heads = ("MaskedLM", "SequenceClassification", "TokenClassification", "QuestionAnswering")
     assert set(auto_map) == {"AutoConfig", "AutoModel", *(f"AutoModelFor{h}" for h in heads)}
+    files = {f"{name.split('.')[0]}.py" for name in auto_map.values()} | {"kernels_quill.py", "pipeline_quill.py"}
+    assert files <= {p.name for p in encoder.glob("*.py")}
 
 
 def test_pipeline_and_reward_model_load_without_the_project(tmp_path):

@@ -20,13 +20,11 @@ from .configuration_quill import QuillConfig
 from .modeling_quill import (
     PACKED_ATTENTION,
     QuillForCausalLM,
-    QuillForMaskedLM,
-    QuillForQuestionAnswering,
     QuillForSequenceClassification,
-    QuillForTokenClassification,
     QuillModel,
     QuillPreTrainedModel,
 )
+from .modeling_quill_encoder import QuillForMaskedLM, QuillForQuestionAnswering, QuillForTokenClassification
 
 AUTO_CLASSES = {
     AutoModel: QuillModel,

@@ -33,10 +33,10 @@ AUTO_MAP = {
 ENCODER_AUTO_MAP = {
     "AutoConfig": "configuration_quill.QuillConfig",
     "AutoModel": "modeling_quill.QuillModel",
-    "AutoModelForMaskedLM": "modeling_quill.QuillForMaskedLM",
+    "AutoModelForMaskedLM": "modeling_quill_encoder.QuillForMaskedLM",
     "AutoModelForSequenceClassification": "modeling_quill.QuillForSequenceClassification",
-    "AutoModelForTokenClassification": "modeling_quill.QuillForTokenClassification",
-    "AutoModelForQuestionAnswering": "modeling_quill.QuillForQuestionAnswering",
+    "AutoModelForTokenClassification": "modeling_quill_encoder.QuillForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_quill_encoder.QuillForQuestionAnswering",
 }
 
 # transformers 5.24 removed its question-answering pipeline; an encoder checkpoint names Quill's (pipeline_quill.py,

@@ -2,9 +2,9 @@
 
 transformers 5.24 removed its ``question-answering`` pipeline (the task name now raises). ``pipeline()`` still
 looks a task up in the model config's ``custom_pipelines`` before that check, so an encoder Quill checkpoint names
-this class there (``configuration_quill.py``) and carries this file beside its weights (``modeling_quill.py``
-imports it, so ``save_pretrained`` copies it): ``pipeline("question-answering", model=folder,
-trust_remote_code=True)`` answers as it did before, with the old pipeline's inputs and outputs::
+this class there (``configuration_quill.py``) and carries this file beside its weights (``modeling_quill_encoder.py``
+imports it, so ``save_pretrained`` copies it): ``pipeline("question-answering", model=folder, trust_remote_code=True)``
+answers as it did before, with the old pipeline's inputs and outputs::
 
     >>> qa = pipeline("question-answering", model="ckpt", trust_remote_code=True)
     >>> qa(question="who sat on the mat?", context="the cat sat on the mat")
