@@ -112,6 +112,10 @@ def _umask() -> int:
 # -- the marker and the fingerprint -----------------------------------------------------------------------------
 
 
+# The options that name another model a stage computes with: a retrained upstream model makes the stage stale.
+MODEL_SOURCES = ("model_name_or_path", "reward_model_path", "teacher_model_name_or_path")
+
+
 def fingerprint(parsed: tuple) -> dict:
     """What determines a stage's weights, from its parsed config dataclasses: model and tokenizer sources, data
     sources (with size or revision), and every training setting except the ones in NOT_FINGERPRINTED."""
@@ -121,7 +125,7 @@ def fingerprint(parsed: tuple) -> dict:
         for key, value in values.items():
             if key.startswith("_") or key.startswith(NOT_FINGERPRINTED):
                 continue
-            if key in ("model_name_or_path", "reward_model_path"):
+            if key in MODEL_SOURCES:
                 sources[key] = source_identity(value, getattr(obj, "model_revision", None))
             elif key == "dataset_mixture":
                 sources[key] = [{**e, "identity": source_identity(e["path"], e.get("revision"))} for e in value]

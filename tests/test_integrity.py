@@ -317,3 +317,20 @@ def test_a_token_on_the_command_line_is_refused_without_echoing_it(tmp_path):
     line = one_error(proc, "hub_token=***", "HF_TOKEN")
     assert secret not in proc.stdout + proc.stderr and secret not in line
     assert not (tmp_path / "run").exists()
+
+
+def test_every_model_a_stage_computes_with_is_a_fingerprinted_source(tmp_path):
+    """A retrained upstream model (the start model, RL's reward model, a distill stage's teacher) makes a finished
+    stage stale: each is recorded as a source, recognised by when its stage finished."""
+    from dataclasses import make_dataclass
+
+    from quill.output import MARKER, fingerprint, fingerprint_difference
+
+    for key in ("model_name_or_path", "reward_model_path", "teacher_model_name_or_path"):
+        upstream = tmp_path / key
+        upstream.mkdir()
+        (upstream / MARKER).write_text(json.dumps({"done": True, "finished_at": "2026-12-07T10:00:00"}))
+        args = make_dataclass("Args", [(key, str)])(str(upstream))
+        before = fingerprint((args,))
+        (upstream / MARKER).write_text(json.dumps({"done": True, "finished_at": "2026-12-07T11:00:00"}))
+        assert fingerprint_difference(before, fingerprint((args,))), key

@@ -10,6 +10,7 @@ from quill.recipe import load_recipe, plan_recipe
 STAGES = {
     "tiny": ["tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "rlvr"],  # RLHF and RLVR side by side
     "tiny-midtrain": ["tokenizer", "pretrain", "midtrain", "sft"],
+    "tiny-distill": ["tokenizer", "pretrain", "teacher", "student", "distill"],
 }
 RECIPES = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*/recipe.yaml"))
 
