@@ -363,3 +363,32 @@ def test_rl_reward_plot_draws_every_logged_step(tmp_path, monkeypatch):
     # One reward function: its mean is the total, drawn once (the real runs drew two identical lines).
     assert not [label for label in labels if label.startswith("rewards/")]
     assert all(steps == list(range(1, 41)) for label, steps in drawn if label.startswith("reward"))
+
+
+def test_teacher_control_and_paired_with_comparisons_lead_with_their_own_labels(tmp_path):
+    """A distill stage's SFT control and teacher, and a classifier scored beside a from-scratch twin on the same rows
+    (`paired_with`), each get a lead row that names what it is compared with, and no 'start model' mislabel."""
+    from quill.stats import paired_difference
+
+    run = make_run(tmp_path / "run", stages=("pretrain", "sft"))
+    distill = run / "distill"
+    distill.mkdir()
+    metrics = {**accuracy_metrics(ROWS, CORRECT["dpo"]), **paired_metrics(ROWS, CORRECT["sft"], CORRECT["dpo"])}
+    metrics |= paired_metrics(ROWS, CORRECT["control"], CORRECT["dpo"], "vs_control_")
+    metrics |= paired_metrics(ROWS, CORRECT["rl"], CORRECT["dpo"], "vs_teacher_")
+    (distill / "metrics.json").write_text(json.dumps({**metrics, **COST}))
+    (distill / MARKER).write_text(json.dumps({"done": True, "stage": "distill"}))
+    classify = run / "classify"
+    classify.mkdir()
+    versus = paired_difference(CORRECT["sft"], CORRECT["dpo"]).as_metrics("accuracy_vs_classify_scratch")
+    (classify / "metrics.json").write_text(json.dumps({"accuracy": 0.8, **versus, **COST}))
+    (classify / MARKER).write_text(json.dumps({"done": True, "stage": "classify"}))
+    text = write_report(run).read_text()
+    lead = rows_of(tables(section(text, "What each stage changed"))[0])
+    assert "SFT control" in lead["distill vs control"]["measured"]
+    assert "teacher" in lead["distill vs teacher"]["measured"]
+    row = lead["classify vs `classify_scratch`"]
+    assert row["measured"] == "held-out accuracy vs `classify_scratch`"
+    diff = versus["accuracy_vs_classify_scratch_diff"]
+    assert f"{diff:+.3f}" in row["all held-out prompts"]
+    assert "| classify | start model |" not in text

@@ -1,5 +1,6 @@
 """The report card's statistics, as text: the lead table of what each stage changed (each policy stage paired against
-the model it started from, overall and on / off the demonstrator's slice, and DPO against its next-token control),
+the model it started from, overall and on / off the demonstrator's slice, against its control or teacher, and models
+scored against another on the same held-out rows),
 the planted-mistake disclosure, the ablation table, the per-task comparisons, RL's headroom and reward-model use, and
 the reward model's agreement with the task scorer. Reads the numbers the stages computed (quill.stats); computes none.
 """
@@ -13,6 +14,8 @@ MISSING = "—"
 # Keys of one paired comparison `<base>_diff` (quill.stats.PairedDifference.as_metrics).
 PAIRED_SUFFIXES = ("_from", "_to", "_diff", "_diff_low", "_diff_high", "_p", "_gained", "_lost", "_n")
 NOTE_KEYS = ("rm_decision", "headroom_warning")  # sentences a stage wrote for the reader
+# What a stage's `vs_control_*` comparison is against, by the built-in stage it ran as.
+CONTROLS = {"dpo": "next-token control", "distill": "SFT control"}
 # The accuracies the lead table shows, in its column order (quill.metrics.accuracy_groups names the slice groups).
 LEAD_GROUPS = (
     ("task_accuracy", "all held-out prompts"),
@@ -62,6 +65,20 @@ def comparison_keys(metrics: dict) -> list[str]:
     """Every key that belongs to a paired comparison (a `<base>_diff` with its siblings)."""
     bases = [k.removesuffix("_diff") for k in metrics if k.endswith("_diff")]
     return [f"{b}{suffix}" for b in bases for suffix in PAIRED_SUFFIXES if f"{b}{suffix}" in metrics]
+
+
+def against(kind: str, base: str) -> tuple[str, str]:
+    """(what the comparison `<base>_diff` is against, the metric compared): the start model, a stage's control
+    (DPO: next-token loss on the chosen answers; distill: SFT on the same prompts), the teacher, or another model
+    scored on the same held-out rows (`<metric>_vs_<name>`, a stage's `paired_with`)."""
+    if base.startswith("vs_control_"):
+        return CONTROLS.get(kind, "its control"), base.removeprefix("vs_control_")
+    if base.startswith("vs_teacher_"):
+        return "teacher", base.removeprefix("vs_teacher_")
+    if "_vs_" in base:
+        metric, other = base.split("_vs_", 1)
+        return f"`{other}`", metric
+    return "start model", base
 
 
 def paired(metrics: dict, base: str) -> tuple | None:
@@ -128,9 +145,20 @@ def lead_rows(stages: list) -> list[list[str]]:
         if "task_accuracy_diff" in m or num(m.get("task_accuracy")) is not None:
             measured = f"greedy accuracy vs its start model{reward_model_note(m)}"
             rows.append([s.name, measured, *(accuracy_cell(m, g) for g, _ in LEAD_GROUPS)])
-            if "vs_control_task_accuracy_diff" in m:
-                cells = [accuracy_cell(m, f"vs_control_{g}") for g, _ in LEAD_GROUPS]
-                rows.append([f"{s.name} vs control", "greedy accuracy vs the next-token control", *cells])
+            for other in ("control", "teacher"):
+                if f"vs_{other}_task_accuracy_diff" in m:
+                    cells = [accuracy_cell(m, f"vs_{other}_{g}") for g, _ in LEAD_GROUPS]
+                    label = against(s.kind, f"vs_{other}_task_accuracy")[0]
+                    rows.append([f"{s.name} vs {other}", f"greedy accuracy vs the {label}", *cells])
+            continue
+        versus = sorted(k.removesuffix("_diff") for k in m if k.endswith("_diff") and "_vs_" in k)
+        for base in versus:  # held-out rows scored by this model and another (`paired_with`), paired per row
+            other, metric = against(s.kind, base)
+            cell = accuracy_cell(m, base)
+            rows.append(
+                [f"{s.name} vs {other}", f"held-out {metric} vs {other}", cell, *[MISSING] * (len(LEAD_GROUPS) - 1)]
+            )
+        if versus:
             continue
         for key, label, chance in HEADLINES:
             if num(m.get(key)) is not None:
@@ -218,25 +246,22 @@ def _comparison_rows(stage: StageReport, skip: set[str]) -> list[str]:
     bases.sort(key=lambda b: (b.startswith("vs_"), b))
     rows = []
     for base in bases:
-        against, metric = (
-            ("next-token control", base.removeprefix("vs_control_"))
-            if base.startswith("vs_control_")
-            else ("start model", base)
-        )
+        compared_with, metric = against(stage.kind, base)
         values = paired(m, base)
         if values is None:
             continue
         before, after, diff, low, high, p = values
         rows.append(
-            f"| {stage.name} | {against} | {metric} | {int(m.get(f'{base}_n', 0)):,} | {before:.3f} | {after:.3f} | "
-            f"{diff:+.3f} | {low:+.3f} to {high:+.3f} | {p:.3g} | {shown_verdict(p, low, high)} |"
+            f"| {stage.name} | {compared_with} | {metric} | {int(m.get(f'{base}_n', 0)):,} | {before:.3f} | "
+            f"{after:.3f} | {diff:+.3f} | {low:+.3f} to {high:+.3f} | {p:.3g} | {shown_verdict(p, low, high)} |"
         )
     return rows
 
 
 def details_section(stages: list[StageReport]) -> list[str]:
     """Per-task paired comparisons (the lead table has the overall and slice ones), RL and the reward model."""
-    lead = {f"{prefix}{g}" for g, _ in LEAD_GROUPS for prefix in ("", "vs_control_")}
+    lead = {f"{prefix}{g}" for g, _ in LEAD_GROUPS for prefix in ("", "vs_control_", "vs_teacher_")}
+    lead |= {k.removesuffix("_diff") for s in stages for k in s.metrics if k.endswith("_diff") and "_vs_" in k}
     rows = [r for s in stages for r in _comparison_rows(s, lead)]
     out = []
     if rows:
