@@ -26,6 +26,8 @@ MODEL_TESTS = [
     "tests/test_model_kernels.py",
     "tests/test_model_fused_loss.py",
     "tests/test_remote_code.py",
+    "tests/test_model_encoder.py",  # the fill-mask, classification and QA pipelines, from a fresh process
+    "tests/test_model_seq2seq.py",  # generation with the encoder-decoder cache, the translation pipeline
 ]
 
 

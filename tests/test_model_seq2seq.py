@@ -13,11 +13,6 @@ from transformers import AutoModelForSeq2SeqLM
 import quill.model  # noqa: F401  registers Quill with the Auto classes
 from quill.model.modeling_quill_seq2seq import QuillForConditionalGeneration
 
-# TEMPORARY until quill.model registers the seq2seq class (H1's __init__): the same lines it needs.
-if QuillForConditionalGeneration._auto_class is None:
-    AutoModelForSeq2SeqLM.register(quill.model.QuillConfig, QuillForConditionalGeneration, exist_ok=True)
-    QuillForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
-
 SOURCES = ["the quick brown fox jumps", "two plus two"]
 
 

@@ -11,6 +11,8 @@ STAGES = {
     "tiny": ["tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "rlvr"],  # RLHF and RLVR side by side
     "tiny-midtrain": ["tokenizer", "pretrain", "midtrain", "sft"],
     "tiny-distill": ["tokenizer", "pretrain", "teacher", "student", "distill"],
+    "tiny-seq2seq": ["tokenizer", "decoder", "seq2seq"],
+    "tiny-encoder": ["tokenizer", "mlm", "classify_scratch", "classify", "qa_scratch", "qa"],
 }
 RECIPES = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*/recipe.yaml"))
 

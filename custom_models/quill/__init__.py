@@ -12,6 +12,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
 )
@@ -25,6 +26,7 @@ from .modeling_quill import (
     QuillPreTrainedModel,
 )
 from .modeling_quill_encoder import QuillForMaskedLM, QuillForQuestionAnswering, QuillForTokenClassification
+from .modeling_quill_seq2seq import QuillForConditionalGeneration
 
 AUTO_CLASSES = {
     AutoModel: QuillModel,
@@ -33,6 +35,7 @@ AUTO_CLASSES = {
     AutoModelForSequenceClassification: QuillForSequenceClassification,
     AutoModelForTokenClassification: QuillForTokenClassification,
     AutoModelForQuestionAnswering: QuillForQuestionAnswering,
+    AutoModelForSeq2SeqLM: QuillForConditionalGeneration,
 }
 
 AutoConfig.register("quill", QuillConfig, exist_ok=True)
@@ -45,6 +48,7 @@ __all__ = [
     "PACKED_ATTENTION",
     "QuillConfig",
     "QuillForCausalLM",
+    "QuillForConditionalGeneration",
     "QuillForMaskedLM",
     "QuillForQuestionAnswering",
     "QuillForSequenceClassification",

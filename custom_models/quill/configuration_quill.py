@@ -102,6 +102,7 @@ class QuillConfig(PreTrainedConfig):
     hidden_size: int | None = None
     intermediate_size: int | None = None
     num_hidden_layers: int | None = None
+    num_decoder_layers: int | None = None  # QuillForConditionalGeneration's decoder depth (default num_hidden_layers)
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
     head_dim: int | None = None

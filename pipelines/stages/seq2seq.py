@@ -24,7 +24,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 import quill.metric_modules
@@ -32,18 +32,10 @@ from quill.arguments import DataArguments, ModelArguments, OutputArguments
 from quill.errors import QuillError, run_guarded
 from quill.loading import CAUSAL_LM, SEQ2SEQ_LM, load_for_inference, load_tokenizer
 from quill.metrics import correctness, generate_completions
-from quill.model import QuillConfig
-from quill.model.modeling_quill_seq2seq import QuillForConditionalGeneration
 from quill.options import parse_stage_args
 from quill.output import MARKER
 from quill.stages.common import load_stage_data, load_task_eval, log, run_stage, start_stage
 from quill.stats import paired_difference
-
-# TEMPORARY, until quill.model registers the seq2seq model beside the others (the change is in the report):
-# AutoModelForSeq2SeqLM builds it from a Quill config, and save_pretrained copies its code next to the weights.
-if QuillForConditionalGeneration._auto_class is None:
-    AutoModelForSeq2SeqLM.register(QuillConfig, QuillForConditionalGeneration, exist_ok=True)
-    QuillForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 
 METRIC_MODULE = str(Path(quill.metric_modules.__file__).with_name("bleu_chrf.py"))
 METRICS = ("bleu", "chrf", "exact_match")
