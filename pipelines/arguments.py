@@ -5,13 +5,14 @@ from YAML and `key=value`. The rules cover what those libraries do not check the
 learning rate, for example); what they do check, they raise, and the parser turns it into one line.
 """
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import ModelConfig
 
-from quill.errors import QuillError
+from quill.errors import QuillError, unknown_key_error
 
 
 @dataclass
@@ -159,7 +160,8 @@ class OutputArguments:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rules, checked on the merged values before any dataclass is built, so a message can name the file and line the
-# value came from. None always passes (it means "unset").
+# value came from. None always passes (it means "unset"). RANGE_RULES is the one place a range is written, for the
+# libraries' options and Quill's alike (a range checked in a __post_init__ could name neither file nor line).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -205,6 +207,17 @@ RANGE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "temperature": _above(0),
     "num_generations": ((lambda v: v >= 2), ">= 2 (group-relative advantages compare several samples per prompt)"),
     "learnable_prompt_samples": ((lambda v: v == 0 or v >= 2), "0 (off) or >= 2 (samples must be able to disagree)"),
+    "reward_model_weight": ((lambda v: 0 < v < 0.5), "in (0, 0.5) (a right and a wrong answer stay 1.0 apart)"),
+    "eval_max_new_tokens": _at_least(1),
+    "eval_batch_size": _at_least(1),
+    "eval_samples": ((lambda v: v == 0 or v >= 2), "0 (greedy only) or >= 2"),
+    "eval_sample_prompts": _at_least(1),
+    "pair_samples": _at_least(0),
+    "pair_temperature": _above(0),
+    "pair_max_new_tokens": _at_least(1),
+    "agreement_samples": ((lambda v: v == 0 or v >= 2), "0 (none) or >= 2"),
+    "agreement_prompts": _at_least(1),
+    "agreement_temperature": _above(0),
 }
 
 # Options that the libraries' dataclasses accept but a Quill stage does not act on: setting one is an error.
@@ -296,3 +309,16 @@ def check_values(effective: dict[str, Any], values: dict[str, tuple[Any, str]]) 
     for keys, problem, fix in _conflicts(effective, set(values)):
         where = ", ".join(values[k][1] for k in keys if k in values)
         raise QuillError(f"conflicting options: {problem}" + (f" ({where})" if where else ""), fix)
+    _check_model_config(values)
+
+
+def _check_model_config(values: dict[str, tuple[Any, str]]) -> None:
+    """model_config keys are QuillConfig fields; QuillConfig itself accepts any key, so a typo would pass silently."""
+    value, where = values.get("model_config", (None, ""))
+    if value:
+        from quill.model.configuration_quill import QuillConfig
+
+        known = {f.name for f in dataclasses.fields(QuillConfig)}
+        for key in value:
+            if key not in known:
+                raise unknown_key_error(str(key), sorted(known), f"{where}: model_config")

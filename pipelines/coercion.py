@@ -1,18 +1,80 @@
-"""YAML values into the types a dataclass field is annotated with, and those types described in messages.
+"""The argparse `type` of every stage option: YAML text (or a YAML value from a config file) into the type the
+dataclass field is annotated with, or an error that says what was expected.
 
-YAML gives bool/int/float/str/list/dict; TrainingArguments and TRL's configs want `float`, `int | None`, enums,
-Literals, `list[str] | str`, ... `_members` is the one place an annotation is taken apart: coercion, descriptions
-and choice lists all go through it.
+Why not HfArgumentParser's own types: it takes one type per option, so it cannot express the unions TRL's,
+transformers' and Quill's configs use (`list[dict | str]`, `str | list[str] | None`, `dict | None`), it reads a list
+as several arguments instead of YAML's `[a, b]`, and its messages name neither what was expected nor the nearest
+choice. `type_members` is the one place an annotation is taken apart: coercion, descriptions and choice lists all go
+through it.
 """
 
+import argparse
 import enum
 import json
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import yaml
+
+from quill.errors import QuillError, did_you_mean
+
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def option_type(name: str, tp: Any, default: Any, choices: Sequence | None = None) -> Callable[[Any], Any]:
+    """The converter argparse calls on an option's text; config values (already YAML) go through it too.
+
+    A failure is an ArgumentTypeError whose text is `problem; fix: fix`, which QuillParser.error turns back into a
+    QuillError. `choices` (TRL's metadata, e.g. ModelConfig.dtype) make a text option a Literal.
+    """
+    if choices:
+        tp = Literal[tuple(choices)] | None if type_members(tp)[1] else Literal[tuple(choices)]
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, str) and value == default:  # argparse converts text defaults too; they stand as they are
+            return value
+        value = from_text(value, tp) if isinstance(value, str) else value
+        try:
+            return coerce(value, tp)
+        except Mismatch:
+            raise argparse.ArgumentTypeError(str(type_error(name, tp, default, value))) from None
+
+    return convert
+
+
+def from_text(text: str, tp: Any) -> Any:
+    """A command-line value: YAML, except for plain text options, which take the text as is (`name=007`)."""
+    members, nullable = type_members(tp)
+    if members == [str]:
+        return None if text in ("null", "~") or (text == "" and nullable) else text
+    if text == "":
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        if str in members or tp is Any:
+            return text
+        raise argparse.ArgumentTypeError(
+            str(QuillError("the value is not valid YAML", "quote it, e.g. key='[a, b]'"))
+        ) from None
+
+
+def type_error(name: str, tp: Any, default: Any, value: Any) -> QuillError:
+    names = [str(c) for c in type_choices(tp)]
+    fix = did_you_mean(value, names) if names and isinstance(value, str) else None
+    if fix is None and isinstance(value, str) and any(m in (int, float) for m in type_members(tp)[0]):
+        fix = f"write a number, e.g. {name}: {default if isinstance(default, (int, float)) else 1}"
+    return QuillError(f"{name}: expected {describe_type(tp)}, found {show(value)}", fix)
+
+
+def show(v: Any) -> str:
+    if isinstance(v, enum.Enum):
+        v = v.value
+    if isinstance(v, str):
+        return repr(v)
+    return json.dumps(v, default=str) if isinstance(v, (bool, type(None), list, dict)) else str(v)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,6 +220,7 @@ def describe_type(tp: Any) -> str:
     members, nullable = type_members(tp)
     if len(members) != 1 or nullable:
         return " or ".join([describe_type(m) for m in members] + (["null"] if nullable else []))
+    tp = members[0]  # `SchedulerType | str` is the enum (type_members drops the str)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal or _is_enum(tp):
         return "one of " + ", ".join(repr(c) for c in type_choices(tp))

@@ -3,6 +3,8 @@
 Real stage modules are not needed: recipes here use tiny fake stages written into the recipe folder (`module:`).
 """
 
+import dataclasses
+import importlib
 import json
 import re
 import subprocess
@@ -24,6 +26,7 @@ from quill.output import check_finished
 from quill.output import mark_done as mark_stage_done
 from quill.recipe import check_accelerate_config, load_recipe, plan_recipe, route_overrides
 from quill.runner import run_recipe
+from quill.stages import STAGES, stage_module
 
 
 def read_stage_done(folder):
@@ -134,6 +137,60 @@ def test_plain_text_options_keep_their_text():
     assert model.tokenizer_name_or_path is None
 
 
+def test_shared_keys_and_flags_reach_every_dataclass(tmp_path):
+    # From the file (TrlParser's defaults) and from the command line (argparse's values) alike.
+    cfg = write(tmp_path / "sft.yaml", "output_dir: /tmp/from-file\npush_to_hub: true\nhub_model_id: user/m\n")
+    *_, sft, output = build_stage_args(SFT_TYPES, ["--config", str(cfg), "use_cpu=true"])
+    assert sft.output_dir == output.output_dir == "/tmp/from-file"
+    assert sft.push_to_hub is output.push_to_hub is True and sft.hub_model_id == output.hub_model_id == "user/m"
+    cfg.write_text("push_to_hub: true\n")
+    *_, sft, output = build_stage_args(SFT_TYPES, ["--config", str(cfg), "use_cpu=true", "--no_push_to_hub"])
+    assert sft.push_to_hub is output.push_to_hub is False
+    # A bare flag on an option that may be null, and --no-flag on one that defaults to false.
+    *_, output = build_stage_args(SFT_TYPES, ["use_cpu=true", "--push_to_hub", "--hub_private_repo", "--no-overwrite"])
+    assert output.hub_private_repo is True and output.overwrite is False
+
+
+def test_command_line_forms():
+    # `--key value` with a value argparse would read as an option (-1e-4), and `--key=value`, reach the range rules.
+    message = error_of(build_stage_args, SFT_TYPES, ["use_cpu=true", "--learning_rate", "-1e-4"])
+    assert message.startswith("argument '--learning_rate -1e-4': learning_rate must be > 0, found -0.0001")
+    *_, sft, _ = build_stage_args(SFT_TYPES, ["use_cpu=true", "--learning-rate=2e-4", "--seed", "7"])
+    assert sft.learning_rate == pytest.approx(2e-4) and sft.seed == 7
+    # A whole `model_config=...` replaces the mapping, so the entries set before it no longer count; after, they do.
+    _, model, *_ = build_stage_args(SFT_TYPES, ["use_cpu=true", "model_config.depth=4", "model_config={vocab_size: 8}"])
+    assert model.model_config == {"vocab_size": 8}
+    _, model, *_ = build_stage_args(SFT_TYPES, ["use_cpu=true", "model_config={vocab_size: 8}", "model_config.depth=4"])
+    assert model.model_config == {"vocab_size": 8, "depth": 4}
+    assert "'learning_rate' is not a mapping" in error_of(build_stage_args, SFT_TYPES, ["learning_rate.x=1"])
+
+
+STAGE_TYPES = {name: importlib.import_module(stage_module(name)).ARG_TYPES for name in STAGES}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_TYPES))
+def test_no_options_gives_every_default(stage):
+    """The parser adds nothing of its own: a parse without options builds what each dataclass builds by itself."""
+    for dc in STAGE_TYPES[stage]:
+        use_cpu = {"use_cpu": True} if "use_cpu" in {f.name for f in dataclasses.fields(dc)} else {}
+        try:
+            expected = dc(**use_cpu)
+        except (QuillError, ValueError) as e:  # a dataclass with a required option refuses alike through the parser
+            problem = e.problem if isinstance(e, QuillError) else str(e)
+            assert problem in error_of(build_stage_args, (dc,), [f"{k}=true" for k in use_cpu]), dc.__name__
+            continue
+        assert build_stage_args((dc,), [f"{k}=true" for k in use_cpu]) == (expected,), dc.__name__
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_TYPES))
+def test_help_of_every_stage(stage, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_stage_args(STAGE_TYPES[stage], ["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config FILE" in out and "--output_dir" in out
+
+
 def test_option_names_cover_every_dataclass():
     names = option_names(SFT_TYPES)
     assert {"learning_rate", "dataset_mixture", "model_config", "overwrite", "lora_r"} <= names
@@ -174,6 +231,7 @@ def test_unknown_key_on_command_line_suggests():
         ("per_device_train_batch_size=2.5", "expected int, found 2.5"),
         ("use_peft=maybe", "use_peft: expected true or false, found 'maybe'"),
         ("lr_scheduler_type=cosin", "did you mean 'cosine'?"),
+        ("lr_scheduler_type=cosin", "expected one of 'linear', 'cosine'"),
         ("dtype=float8", "expected one of 'auto', 'bfloat16', 'float16', 'float32'"),
         ("model_config=[1, 2]", "model_config: expected mapping or null"),
     ],
@@ -194,6 +252,24 @@ def test_type_errors(override, expected):
 )
 def test_range_errors(override, expected):
     assert expected in error_of(build_stage_args, SFT_TYPES, [override, "use_cpu=true"])
+
+
+@pytest.mark.parametrize(
+    "stage, override, expected",
+    [
+        ("rl", "reward_model_weight=0.5", "reward_model_weight must be in (0, 0.5)"),
+        ("rl", "eval_samples=1", "eval_samples must be 0 (greedy only) or >= 2, found 1"),
+        ("rl", "eval_batch_size=0", "eval_batch_size must be >= 1"),
+        ("dpo", "pair_temperature=0", "pair_temperature must be > 0"),
+        ("dpo", "pair_samples=-1", "pair_samples must be >= 0"),
+        ("reward", "agreement_samples=1", "agreement_samples must be 0 (none) or >= 2"),
+        ("reward", "agreement_prompts=0", "agreement_prompts must be >= 1"),
+    ],
+)
+def test_quill_ranges_name_where_the_value_came_from(stage, override, expected):
+    """Quill's own options have their ranges in the same table as the libraries' (quill.arguments.RANGE_RULES)."""
+    message = error_of(build_stage_args, STAGE_TYPES[stage], [override, "use_cpu=true"])
+    assert message.startswith(f"override '{override}': {expected}"), message
 
 
 @pytest.mark.parametrize("samples", ["-1", "1"])
