@@ -6,6 +6,7 @@ Real stage modules are not needed: recipes here use tiny fake stages written int
 import dataclasses
 import importlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -163,6 +164,15 @@ def test_command_line_forms():
     _, model, *_ = build_stage_args(SFT_TYPES, ["use_cpu=true", "model_config={vocab_size: 8}", "model_config.depth=4"])
     assert model.model_config == {"vocab_size": 8, "depth": 4}
     assert "'learning_rate' is not a mapping" in error_of(build_stage_args, SFT_TYPES, ["learning_rate.x=1"])
+
+
+def test_bare_debug_is_quills_flag(monkeypatch):
+    monkeypatch.delenv("QUILL_DEBUG", raising=False)
+    *_, sft, _ = build_stage_args(SFT_TYPES, ["use_cpu=true", "--debug"])
+    assert os.environ["QUILL_DEBUG"] == "1" and sft.debug == []  # Quill's traceback flag, not TrainingArguments'
+    monkeypatch.delenv("QUILL_DEBUG")
+    *_, sft, _ = build_stage_args(SFT_TYPES, ["use_cpu=true", "--debug", "underflow_overflow"])
+    assert "QUILL_DEBUG" not in os.environ and [d.value for d in sft.debug] == ["underflow_overflow"]
 
 
 STAGE_TYPES = {name: importlib.import_module(stage_module(name)).ARG_TYPES for name in STAGES}
