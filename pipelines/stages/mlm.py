@@ -16,6 +16,7 @@ attention_mask. The held-out rows are masked once, with a fixed seed, so the hel
 after training is measured on the same masks.
 """
 
+import hashlib
 from dataclasses import dataclass, field
 
 import datasets
@@ -69,12 +70,18 @@ def rows(texts: list[str], tokenizer, args: MLMConfig) -> list[dict]:
 
 class MaskingCollator:
     """Stacks fixed-length rows and masks them with DataCollatorForLanguageModeling's own masking. Rows that
-    already have labels (the held-out set, masked once) are only stacked."""
+    already have labels (the held-out set, masked once) are only stacked.
 
-    def __init__(self, tokenizer, args: MLMConfig, seed: int | None = None):
+    A batch's masks are drawn from a generator seeded with `seed` and the batch's tokens, not from the global RNG:
+    a run resumed from a checkpoint then masks every batch as the uninterrupted run did. (The Trainer restores the
+    global RNG at the checkpoint, but accelerate's loader collates one batch ahead, before the checkpoint is saved.)
+    A row gets new masks each epoch, because the shuffled batches it lands in differ."""
+
+    def __init__(self, tokenizer, args: MLMConfig, seed: int):
         self.masker = DataCollatorForLanguageModeling(
-            tokenizer, mlm_probability=args.mlm_probability, whole_word_mask=args.whole_word_mask, seed=seed
+            tokenizer, mlm_probability=args.mlm_probability, whole_word_mask=args.whole_word_mask
         )
+        self.seed = seed
         self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
         self.opens_word = None
         if args.whole_word_mask:  # does token i start with whitespace (a new word)?
@@ -95,6 +102,8 @@ class MaskingCollator:
             return out
         special = torch.isin(out["input_ids"], self.special)
         offsets = self.offsets(out["input_ids"]) if self.opens_word is not None else None
+        digest = hashlib.sha256(out["input_ids"].numpy().tobytes() + str(self.seed).encode()).digest()
+        self.masker.generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         out["input_ids"], out["labels"] = self.masker.torch_mask_tokens(
             out["input_ids"].clone(), special_tokens_mask=special, offset_mapping=offsets
         )
@@ -137,7 +146,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: MLMConfig,
         args=args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
-        data_collator=MaskingCollator(tokenizer, args),
+        data_collator=MaskingCollator(tokenizer, args, seed=args.seed),
         processing_class=tokenizer,
         callbacks=stage.callbacks,
     )
