@@ -9,6 +9,7 @@ found in the environment (Hub tokens) are blanked out of every message first.
 
 import difflib
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -19,6 +20,11 @@ T = TypeVar("T")
 DEBUG_ENV = "QUILL_DEBUG"
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # the Hub token travels only through the environment
 SECRET_KEYS = ("hub_token",)  # options that would carry a secret: refused on the command line
+# sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": a stage stopped by SIGTERM/SIGUSR1 at a
+# saved checkpoint (quill.stages.guards). Not 1 (a crash), 2 (a QuillError), 130 (Ctrl-C) or a kill's code, so a
+# scheduler or `quill run` can tell "requeue me".
+PREEMPTED_EXIT = 75
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what clusters send before they stop a job (SLURM: --signal)
 
 
 class QuillError(Exception):

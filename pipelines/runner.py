@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from quill.errors import QuillError, StageFailed, display_path, redact
+from quill.errors import PREEMPT_SIGNALS, PREEMPTED_EXIT, QuillError, StageFailed, display_path, redact
 from quill.output import check_finished, folder_lock, prepare_run_dir, write_json
 from quill.recipe import RECIPE_FILE, Recipe, StagePlan, load_recipe, plan_recipe
 from quill.tools.report import write_report  # reads JSON only: no model libraries
@@ -92,6 +92,13 @@ def _run_plans(recipe: Recipe, out: Path, plans: list[StagePlan], overrides: lis
             if result.returncode in (130, -signal.SIGINT):
                 result.status = "interrupted"
                 raise KeyboardInterrupt
+            if result.returncode == PREEMPTED_EXIT:  # it saved a checkpoint and printed how to resume
+                result.status = "preempted"
+                raise StageFailed(
+                    f"stage '{plan.spec.name}' was preempted after {result.seconds:.1f} s",
+                    "re-run the same command: finished stages are skipped, this one resumes from its checkpoint",
+                    PREEMPTED_EXIT,
+                )
             if result.returncode != 0 or check_finished(plan.output_dir) is None:
                 result.status = "failed"
                 why = _exit_reason(result.returncode) if result.returncode else "it exited without finishing"
@@ -163,7 +170,11 @@ def run_record(recipe: Recipe, out: Path, plans: list[StagePlan], overrides: lis
 
 
 def _run_process(command: list[str], env: dict[str, str]) -> int:
+    """Runs one stage and waits for it. SIGTERM/SIGUSR1 sent to the runner (Kubernetes signals only PID 1; SLURM's
+    --signal may name the batch step) are passed on to the stage, which saves a checkpoint and exits 75."""
     proc = subprocess.Popen(command, env=env)  # inherits stdout/stderr: live output
+    forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
+    previous = {sig: signal.signal(sig, forward) for sig in PREEMPT_SIGNALS}
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -174,6 +185,9 @@ def _run_process(command: list[str], env: dict[str, str]) -> int:
             proc.kill()
             proc.wait()
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _exit_reason(rc: int) -> str:

@@ -9,6 +9,7 @@ the quick suite; DPO, reward and GRPO, which need uninterrupted references built
 """
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -19,8 +20,8 @@ import pytest
 from test_resume import assert_same_weights, newest_complete_checkpoint, run_ok, stage_cmd
 from tiny_outputs import REPO, is_done, stage_argv
 
+from quill.errors import PREEMPTED_EXIT
 from quill.output import checkpoints, is_complete_checkpoint
-from quill.stages.guards import PREEMPTED_EXIT
 
 FIRST_SIGNAL = {"sft": signal.SIGUSR1}  # SLURM's --signal warning; the others get SIGTERM first
 RESUME_HINT = "run the same command again to resume"
@@ -104,3 +105,75 @@ def test_preempted_stage_saves_exits_75_and_resumes_to_the_uninterrupted_weights
     assert len(resumed) == 1 and resumed[0].endswith(str(ckpt)), rerun.stderr[-2000:]
     assert is_done(out)
     assert_same_weights(reference(stage), out)
+
+
+PREEMPTIBLE_STAGE = '''
+"""A fake stage that waits to be preempted: on SIGTERM/SIGUSR1 it records the signal and exits 75, as a training
+stage does after saving its checkpoint (quill.stages.guards)."""
+import signal, sys, time
+from pathlib import Path
+from fake_stage import ARG_TYPES
+from quill.errors import PREEMPT_SIGNALS, PREEMPTED_EXIT, run_guarded
+from quill.options import parse_stage_args
+
+def train(fake, model, output):
+    out = Path(output.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    def stop(signum, frame):
+        (out / "signal.txt").write_text(signal.Signals(signum).name)
+        print("[quill] a: stopped; run the same command again to resume (exit code 75: preempted)", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
+    for sig in PREEMPT_SIGNALS:
+        signal.signal(sig, stop)
+    (out / "started").write_text("")
+    time.sleep(120)
+
+def main(argv=None):
+    run_guarded(lambda: train(*parse_stage_args(ARG_TYPES, argv)))
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_quill_run_passes_a_preemption_signal_to_the_stage_and_exits_75(tmp_path, sig):
+    """Kubernetes signals only the container's PID 1 (here `quill run`), and SLURM's --signal may too: the runner
+    passes the signal on to the running stage (which saves and exits 75), records the stage as preempted, and exits
+    75 itself with one line saying to re-run. Without the forwarding the runner dies and leaves the stage running."""
+    import shutil
+    import textwrap
+
+    from tiny_outputs import add_fake_stage
+
+    recipe = tmp_path / "rec"
+    recipe.mkdir()
+    add_fake_stage(recipe)
+    (recipe / "preemptible_stage.py").write_text(PREEMPTIBLE_STAGE)
+    (recipe / "recipe.yaml").write_text(
+        textwrap.dedent(
+            """
+            name: fake
+            stages:
+              - {name: a, module: preemptible_stage}
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != "QUILL_DEBUG"}
+    runner = subprocess.Popen(
+        [shutil.which("quill"), "run", str(recipe), "--output-dir", "out"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    started = tmp_path / "out" / "a" / "started"
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline and runner.poll() is None:
+        time.sleep(0.1)
+    assert started.exists(), runner.communicate(timeout=30)
+    runner.send_signal(sig)  # the runner only, as a container runtime does
+    _, stderr = runner.communicate(timeout=60)
+    assert runner.returncode == PREEMPTED_EXIT, stderr
+    assert (tmp_path / "out" / "a" / "signal.txt").read_text() == sig.name
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("quill: stage 'a' was preempted") and "re-run the same command" in lines[-1]
+    record = json.loads((tmp_path / "out" / "quill_run.json").read_text())
+    assert [s["status"] for s in record["stages"]] == ["preempted"]

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from quill.errors import QuillError
+from quill.errors import PREEMPT_SIGNALS, PREEMPTED_EXIT, QuillError
 from quill.output import write_json
 from quill.stages.distributed import watch_ranks
 
@@ -113,11 +113,6 @@ class CheckpointHygiene(TrainerCallback):
 
 
 # -- preemption --------------------------------------------------------------------------------------------------
-
-# sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": not 1 (a crash), 2 (a QuillError),
-# 130 (Ctrl-C) or a signal's 128+N / negative code (a kill), so a scheduler or `quill run` can tell "requeue me".
-PREEMPTED_EXIT = 75
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def _save_period(args) -> int:
