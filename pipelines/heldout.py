@@ -32,15 +32,6 @@ class EvalArguments:
         default=None, metadata={"help": "Sample answers for only the first this many held-out prompts (all: null)."}
     )
 
-    def __post_init__(self):
-        for name in ("eval_max_new_tokens", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
-        if self.eval_samples < 0 or self.eval_samples == 1:
-            raise ValueError(f"eval_samples must be 0 (greedy only) or >= 2, found {self.eval_samples}")
-        if self.eval_sample_prompts is not None and self.eval_sample_prompts < 1:
-            raise ValueError(f"eval_sample_prompts must be >= 1 or null, found {self.eval_sample_prompts}")
-
     def evaluate(self, model, tokenizer, rows: list[dict], temperature: float = 1.0, seed: int = 0) -> dict:
         return evaluate_policy(
             model,

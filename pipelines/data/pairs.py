@@ -274,10 +274,7 @@ class PolicyPairArguments:
     )
 
     def check_pairs(self):
-        if self.pair_samples < 0:
-            raise ValueError(f"pair_samples must be >= 0, found {self.pair_samples}")
-        if self.pair_temperature <= 0 or self.pair_max_new_tokens < 1:
-            raise ValueError("pair_temperature must be > 0 and pair_max_new_tokens >= 1")
+        """Options that need each other (value ranges are quill.arguments.RANGE_RULES)."""
         if self.pairs_from != "dataset" and self.pair_labeller != "scorer" and not self.labeller_model:
             raise ValueError(f"pair_labeller {self.pair_labeller} needs labeller_model (a model folder or Hub id)")
         if self.labeller_model and self.pair_labeller == "scorer":

@@ -46,8 +46,6 @@ class QuillRewardConfig(RewardConfig, PolicyPairArguments):
     def __post_init__(self):
         super().__post_init__()
         self.check_pairs()
-        if self.agreement_samples < 0 or self.agreement_samples == 1 or self.agreement_prompts < 1:
-            raise ValueError("agreement_samples must be 0 or >= 2, and agreement_prompts >= 1")
 
 
 ARG_TYPES = (DataArguments, ModelArguments, QuillRewardConfig, OutputArguments)

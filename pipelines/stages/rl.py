@@ -71,8 +71,6 @@ class RLConfig(GRPOConfig):
                 "so a resume would not continue the same run",
                 f"set save_steps to a multiple of {period:g}, e.g. save_steps: {aligned}",
             )
-        if not 0 < self.reward_model_weight < 0.5:
-            raise ValueError(f"reward_model_weight must be in (0, 0.5), found {self.reward_model_weight}")
         if self.reward_model_path and self.scale_rewards in (True, "group"):
             raise QuillError(
                 "scale_rewards 'group' divides each group's rewards by their own spread, which turns reward-model "
