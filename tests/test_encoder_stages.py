@@ -163,6 +163,16 @@ def test_whole_word_masking_masks_every_token_of_a_picked_word(tmp_path):
         if whole:
             assert masked.sum() > 0 and partial == 0  # a picked word is masked whole, and only by the mask token
             assert (collated["input_ids"][masked] == tokenizer.mask_token_id).all()
+            # Words are picked one by one: a document piece holds masked and unmasked words side by side (were the
+            # offsets to join a whole piece into one "word", it would be masked or kept in one block).
+            piece = special.cumsum(dim=1)
+            mixed = sum(
+                bool(masked[row][(piece[row] == k) & ~special[row]].any())
+                and not bool(masked[row][(piece[row] == k) & ~special[row]].all())
+                for row in range(len(batch))
+                for k in piece[row].unique()
+            )
+            assert mixed > 0
         else:
             assert partial > 0  # token-level masking splits words: the option is what changes it
 
@@ -239,11 +249,18 @@ def test_a_killed_stage_resumes_to_the_uninterrupted_weights(run, stage):
     out, env = run
     record = json.loads((out / "quill_run.json").read_text())
     command = next(s["command"] for s in record["stages"] if s["name"] == stage)
-    resumed = out / f"{stage}_resumed"  # a sibling: classify and qa find the scratch stage they are paired with
+    resumed = out / f"{stage}_resumed"  # a sibling: classify and qa find the stage they are paired with
     command = [a if not a.startswith("output_dir=") else f"output_dir={resumed}" for a in command]
+    # Paired with the uninterrupted run of itself: the same weights must give the same answer on every held-out row,
+    # which checks that the paired comparison lines the two models' rows up.
+    paired = {"classify": "accuracy_vs_classify", "qa": "exact_match_vs_qa"}.get(stage)
+    command += [f"paired_with={stage}"] if paired else []
     kill_after_checkpoint(command, env, resumed)
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stderr and "checkpoint-2" in proc.stderr
     assert is_done(resumed)
     assert_same_weights(resumed, out / stage)
+    if paired:
+        result = metrics(out, resumed.name)
+        assert result[f"{paired}_n"] == HELD_OUT and result[f"{paired}_gained"] == result[f"{paired}_lost"] == 0
