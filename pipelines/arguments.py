@@ -104,10 +104,13 @@ class DataArguments:
 
     def resolve(self, path: str) -> str:
         """A source path as `datasets` loads it: `quill:default/NAME` becomes the default data's file (built for
-        this stage's demonstrator); any other path is returned as is."""
-        from quill.data import builtin
+        this stage's demonstrator), `quill:encoder/NAME` the encoder recipes' labelled sets; any other path is
+        returned as is."""
+        from quill.data import builtin, labelled
         from quill.data.tasks import Demonstrator
 
+        if isinstance(path, str) and path.startswith(labelled.PREFIX):
+            return labelled.resolve(path)
         return builtin.resolve(path, Demonstrator(**self.demonstrator))
 
     def sources(self) -> list:
@@ -218,6 +221,7 @@ RANGE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "agreement_samples": ((lambda v: v == 0 or v >= 2), "0 (none) or >= 2"),
     "agreement_prompts": _at_least(1),
     "agreement_temperature": _above(0),
+    "mlm_probability": ((lambda v: 0 < v < 1), "in (0, 1)"),
 }
 
 # Options that the libraries' dataclasses accept but a Quill stage does not act on: setting one is an error.

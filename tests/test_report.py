@@ -392,3 +392,18 @@ def test_teacher_control_and_paired_with_comparisons_lead_with_their_own_labels(
     diff = versus["accuracy_vs_classify_scratch_diff"]
     assert f"{diff:+.3f}" in row["all held-out prompts"]
     assert "| classify | start model |" not in text
+
+
+def test_no_planted_mistake_paragraph_for_a_run_that_read_no_default_data(tmp_path):
+    """Every stage records its `demonstrator` option, but it only shapes the default data: a run whose stages read
+    other data (the encoder recipe's `quill:encoder/` sets) gets no disclosure of a mistake it never saw."""
+    run = make_run(tmp_path / "run", stages=("pretrain",))
+    for stage in ("pretrain", "tokenizer"):
+        marker = json.loads((run / stage / MARKER).read_text())
+        sources = {"dataset_mixture": [{"path": "quill:encoder/mlm_train", "identity": None}]}
+        marker["fingerprint"] = {"sources": sources, "settings": {"demonstrator": DEMONSTRATOR, "seed": 0}}
+        (run / stage / MARKER).write_text(json.dumps(marker))
+    assert "planted mistake" not in write_report(run).read_text().lower()
+    marker["fingerprint"]["sources"]["dataset_mixture"][0]["path"] = "quill:default/pretrain_train"
+    (run / "tokenizer" / MARKER).write_text(json.dumps(marker))
+    assert "planted mistake" in write_report(run).read_text().lower()

@@ -8,14 +8,15 @@ demonstrator. A recipe takes fewer rows with `max_samples`.
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import astuple
 from pathlib import Path
 
+from quill.data import DEFAULT_PREFIX as PREFIX
 from quill.data.default_data import FILES, build_default_data
 from quill.data.tasks import Demonstrator
 from quill.errors import QuillError
 
-PREFIX = "quill:default/"
 VERSION = "v5"  # bump when the generator changes, so stale caches are not reused
 
 
@@ -33,12 +34,18 @@ def resolve(path: str, demonstrator: Demonstrator | None = None) -> str:
     if name not in FILES:
         raise QuillError(f"dataset '{path}' does not exist", fix=f"use quill:default/ with one of {', '.join(FILES)}")
     target = cache_dir(demonstrator)
-    if not (target / "SOURCES.md").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
-        build_default_data(tmp, demonstrator=demonstrator)
-        try:
-            os.replace(tmp, target)  # atomic: readers never see a half-built folder
-        except OSError:  # another process (e.g. another DDP rank) finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+    build_once(target, lambda folder: build_default_data(folder, demonstrator=demonstrator))
     return str(target / f"{name}.jsonl")
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> None:
+    """Build an offline data folder (it ends with SOURCES.md) once: beside the target, then swapped in whole."""
+    if (target / "SOURCES.md").exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
+    build(tmp)
+    try:
+        os.replace(tmp, target)  # atomic: readers never see a half-built folder
+    except OSError:  # another process (e.g. another DDP rank) finished first
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -24,12 +24,11 @@ import json
 import os
 import random
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import datasets
 
+from quill.data.builtin import build_once
 from quill.errors import QuillError
 
 PREFIX = "quill:encoder/"
@@ -163,14 +162,7 @@ def resolve(path: str) -> str:
     if name not in FILES:
         raise QuillError(f"dataset '{path}' does not exist", f"use {PREFIX} with one of {', '.join(FILES)}")
     target = cache_dir()
-    if not (target / "SOURCES.md").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
-        build_encoder_data(tmp)
-        try:
-            os.replace(tmp, target)  # atomic: readers never see a half-built folder
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+    build_once(target, build_encoder_data)
     return str(target / f"{name}.jsonl")
 
 

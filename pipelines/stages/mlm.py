@@ -43,11 +43,6 @@ class MLMConfig(TrainingArguments):
         default=True, metadata={"help": "Pack documents into full rows (position_ids restart per document)."}
     )
 
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 < self.mlm_probability < 1:
-            raise ValueError(f"mlm_probability must be in (0, 1), found {self.mlm_probability}")
-
 
 ARG_TYPES = (DataArguments, ModelArguments, MLMConfig, OutputArguments)
 

@@ -10,7 +10,6 @@ import itertools
 from dataclasses import dataclass, field
 
 from quill.arguments import DataArguments, OutputArguments
-from quill.data.labelled import resolve as resolve_encoder_data
 from quill.data.tokenizer import CHAT_TEMPLATE, bytes_per_token, train_tokenizer
 from quill.errors import QuillError, run_guarded
 from quill.loading import load_tokenizer
@@ -52,8 +51,6 @@ def train(data_args: DataArguments, args: TokenizerConfig, output: OutputArgumen
     if finished:
         return read_json(out / "metrics.json")
     with held:
-        # The encoder recipes' `quill:encoder/` sets (quill.data.labelled); other paths pass through unchanged.
-        data_args.dataset_mixture = [{**e, "path": resolve_encoder_data(e["path"])} for e in data_args.dataset_mixture]
         if args.streaming:
             rows, open_training = load_stage_stream(data_args, "pretrain")
             held_out, texts = [row["text"] for row in rows], (row["text"] for row in open_training())

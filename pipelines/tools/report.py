@@ -16,6 +16,7 @@ import platform
 import sys
 from pathlib import Path
 
+from quill.data import DEFAULT_PREFIX
 from quill.errors import QuillError, run_guarded
 from quill.output import MARKER, read_json
 from quill.stages import STAGES
@@ -91,6 +92,8 @@ def load_stages(run_dir: Path) -> list[StageReport]:
             fingerprint = marker.get("fingerprint") if isinstance(marker.get("fingerprint"), dict) else {}
             kind = str(marker.get("stage") or "")  # the built-in stage it ran as: rlvr's marker says rl
             settings = fingerprint.get("settings") if isinstance(fingerprint.get("settings"), dict) else {}
+            if not _reads_default_data(fingerprint):  # its demonstrator option applied to no data it read
+                settings = {k: v for k, v in settings.items() if k != "demonstrator"}
             found.append(StageReport(folder.name, folder, metrics, log, marker.get("done") is True, kind, settings))
     order, recipe = list(STAGES), recipe_stages(run_dir)
     for i, name in enumerate(recipe):  # a stage only the recipe has goes right after the stage it follows there
@@ -141,6 +144,15 @@ def _configured_demonstrator(stage: dict) -> dict:
     except (yaml.YAMLError, AttributeError, TypeError, ValueError):
         return {}
     return found
+
+
+def _reads_default_data(fingerprint: dict) -> bool:
+    """Whether a stage's recorded sources include the default data (old markers without sources count as yes)."""
+    sources = fingerprint.get("sources")
+    if not isinstance(sources, dict) or "dataset_mixture" not in sources:
+        return True
+    entries = sources.get("dataset_mixture") or []
+    return any(isinstance(e, dict) and str(e.get("path", "")).startswith(DEFAULT_PREFIX) for e in entries)
 
 
 def _read_list(path: Path) -> list:
