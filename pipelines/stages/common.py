@@ -45,7 +45,7 @@ from quill.output import (
     staged_path,
     write_json,
 )
-from quill.stages.distributed import enable_fsdp_on_cpu, save_full_model
+from quill.stages.distributed import enable_fsdp_on_cpu, save_full_model, watch_ranks
 from quill.stages.guards import CheckpointHygiene, StopOnNonFiniteLoss, StopOnPreemption, exit_if_preempted
 from quill.stages.tracking import configure_tracking
 
@@ -306,6 +306,7 @@ def run_stage(stage: Stage, trainer, evaluate, datasets: list[str], compare=None
         for callback in trainer.callback_handler.callbacks:
             if isinstance(callback, StopOnNonFiniteLoss):
                 callback.attach(trainer)  # the loss check sits around the trainer's backward pass
+        watch_ranks(trainer)  # a rank that dies is named, and collectives give up after ddp_timeout
         try:
             result = trainer.train(resume_from_checkpoint=resume)
         except OSError as err:

@@ -30,7 +30,6 @@ from transformers import TrainerCallback
 
 from quill.errors import PREEMPT_SIGNALS, PREEMPTED_EXIT, QuillError
 from quill.output import write_json
-from quill.stages.distributed import watch_ranks
 
 FIX = (
     "lower learning_rate or set max_grad_norm; the last good checkpoint is kept and the stage resumes from it when "
@@ -60,8 +59,7 @@ def _local_grads_finite(model) -> bool:
 class StopOnNonFiniteLoss(TrainerCallback):
     """Stop the stage before a NaN/inf update is applied, so no checkpoint ever holds a diverged model.
 
-    `attach(trainer)` (run_stage does it) installs the loss check around the trainer's backward pass, and the guard
-    against a dead rank around `train()` (quill.stages.distributed.watch_ranks)."""
+    `attach(trainer)` (run_stage does it) installs the loss check around the trainer's backward pass."""
 
     def __init__(self):
         self.trainer = None
@@ -69,7 +67,6 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
     def attach(self, trainer) -> None:
         self.trainer = trainer
-        watch_ranks(trainer)  # a rank that dies is named, and collectives give up after ddp_timeout
         accelerator = trainer.accelerator
         backward = accelerator.backward
 
