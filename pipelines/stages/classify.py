@@ -25,9 +25,7 @@ from quill.data.labelled import load_stage_rows
 from quill.errors import QuillError, run_guarded
 from quill.loading import CLASSIFIER, TASKS, load_for_inference
 from quill.options import parse_stage_args
-from quill.output import MARKER
-from quill.stages.common import log, run_stage, start_stage
-from quill.stats import paired_difference
+from quill.stages.common import finished_folder, run_stage, start_stage, versus
 
 CORRECT = "_correct"  # per held-out row: 1 if predicted right (kept for the paired comparison, never saved)
 
@@ -55,17 +53,6 @@ def tokenized(split, tokenizer, max_length: int):
         return {**tokenizer(list(batch["text"]), truncation=True, max_length=max_length), "labels": batch["label"]}
 
     return split.map(encode, batched=True, remove_columns=split.column_names, desc="tokenize")
-
-
-def finished_folder(name: str, output_dir: Path) -> Path:
-    """`paired_with`: a stage name of this run (a sibling of output_dir) or a folder; it must hold a finished model."""
-    folder = output_dir.parent / name if "/" not in name else Path(name)
-    if not (folder / MARKER).is_file():
-        raise QuillError(
-            f"paired_with: '{name}' is not a finished stage ({folder} has no {MARKER})",
-            "run that stage first (list it earlier in the recipe), or point paired_with at a finished folder",
-        )
-    return folder
 
 
 def predict(model, dataset, collate, batch_size: int) -> np.ndarray:
@@ -128,11 +115,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: ClassifyCo
             )
         logits = predict(other, eval_rows, trainer.data_collator, args.per_device_eval_batch_size)
         theirs, _ = scores(logits, list(eval_rows["labels"]))
-        name = Path(args.paired_with).name
-        result = paired_difference(theirs, after[CORRECT])  # this model minus the other, row by row
-        log(f"classify: accuracy {result.after:.3f} vs {name} {result.before:.3f}: {result.diff:+.3f} "
-            f"(95% CI {result.low:+.3f}..{result.high:+.3f}, p={result.p_value:.2g}, {result.verdict})")  # fmt: skip
-        return result.as_metrics(f"accuracy_vs_{name}")
+        return versus("classify", "accuracy", Path(args.paired_with).name, theirs, after[CORRECT])
 
     return run_stage(stage, trainer, evaluate, datasets=data_args.names(), compare=compare)
 

@@ -31,6 +31,7 @@ from quill.hub import model_card, push_folder
 from quill.loading import CAUSAL_LM, load_model, load_tokenizer, peft_config
 from quill.output import (
     CHECKPOINTS,
+    MARKER,
     check_finished,
     clear_for_overwrite,
     disk_error,
@@ -48,6 +49,7 @@ from quill.output import (
 from quill.stages.distributed import enable_fsdp_on_cpu, save_full_model, watch_ranks
 from quill.stages.guards import CheckpointHygiene, StopOnNonFiniteLoss, StopOnPreemption, exit_if_preempted
 from quill.stages.tracking import configure_tracking
+from quill.stats import paired_difference
 
 # TRL's configs default gradient_checkpointing=True, which transformers 5 flags as deprecated on every TRL stage
 # start; that warning would break the one-line `error: ...` contract on stderr.
@@ -66,6 +68,29 @@ def is_main_process() -> bool:
 def log(msg: str) -> None:
     if is_main_process():
         print(f"[quill] {msg}", file=sys.stderr, flush=True)
+
+
+# -- paired_with: another finished model scored on this stage's held-out rows (classify, qa, seq2seq) --------------
+
+
+def finished_folder(name: str, output_dir: Path) -> Path:
+    """`paired_with`: a stage name of this run (a sibling of output_dir) or a folder; it must hold a finished model."""
+    folder = output_dir.parent / name if "/" not in name else Path(name)
+    if not (folder / MARKER).is_file():
+        raise QuillError(
+            f"paired_with: '{name}' is not a finished stage ({folder} has no {MARKER})",
+            "run that stage first (list it earlier in the recipe), or point paired_with at a finished folder",
+        )
+    return folder
+
+
+def versus(stage: str, metric: str, other: str, theirs: list, ours: list) -> dict:
+    """This model minus the `paired_with` model on the same held-out rows (per-row correctness, quill.stats), logged
+    and recorded as `<metric>_vs_<other>_*`, which the report's lead table shows."""
+    result = paired_difference(theirs, ours)
+    log(f"{stage}: {metric.replace('_', ' ')} {result.after:.3f} vs {other} {result.before:.3f}: {result.diff:+.3f} "
+        f"(95% CI {result.low:+.3f}..{result.high:+.3f}, p={result.p_value:.2g}, {result.verdict})")  # fmt: skip
+    return result.as_metrics(f"{metric}_vs_{other}")
 
 
 @dataclass

@@ -29,9 +29,7 @@ from quill.errors import QuillError, run_guarded
 from quill.loading import QUESTION_ANSWERING, TASKS, load_for_inference
 from quill.metric_modules.squad import exact_match_score
 from quill.options import parse_stage_args
-from quill.stages.classify import finished_folder
-from quill.stages.common import log, run_stage, start_stage
-from quill.stats import paired_difference
+from quill.stages.common import finished_folder, run_stage, start_stage, versus
 
 EXACT = "_exact"  # per held-out question: 1 if the answer matches exactly (for the paired comparison; never saved)
 
@@ -175,11 +173,7 @@ def train(data_args: DataArguments, model_args: ModelArguments, args: QAConfig, 
         task = TASKS[QUESTION_ANSWERING]
         other = load_for_inference(str(folder), model_args, "eval", stage.tokenizer, task=task)
         theirs, _ = answers(*logits_of(other, eval_rows, args.per_device_eval_batch_size))
-        name = Path(args.paired_with).name
-        result = paired_difference(theirs, after[EXACT])  # this model minus the other, question by question
-        log(f"qa: exact match {result.after:.3f} vs {name} {result.before:.3f}: {result.diff:+.3f} "
-            f"(95% CI {result.low:+.3f}..{result.high:+.3f}, p={result.p_value:.2g}, {result.verdict})")  # fmt: skip
-        return result.as_metrics(f"exact_match_vs_{name}")
+        return versus("qa", "exact_match", Path(args.paired_with).name, theirs, after[EXACT])
 
     return run_stage(stage, trainer, evaluate, datasets=data_args.names(), compare=compare)
 

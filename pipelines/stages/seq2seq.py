@@ -33,9 +33,7 @@ from quill.errors import QuillError, run_guarded
 from quill.loading import CAUSAL_LM, SEQ2SEQ_LM, load_for_inference, load_tokenizer
 from quill.metrics import correctness, generate_completions
 from quill.options import parse_stage_args
-from quill.output import MARKER
-from quill.stages.common import load_stage_data, load_task_eval, log, run_stage, start_stage
-from quill.stats import paired_difference
+from quill.stages.common import finished_folder, load_stage_data, load_task_eval, log, run_stage, start_stage, versus
 
 METRIC_MODULE = str(Path(quill.metric_modules.__file__).with_name("bleu_chrf.py"))
 METRICS = ("bleu", "chrf", "exact_match")
@@ -260,22 +258,9 @@ def paired_comparison(args: Seq2SeqConfig, rows: list[dict], ours: list[str], st
     metrics = {f"{name}_heldout_{m}": scores[m] for m in METRICS}
     if all("task" in row for row in rows):
         metrics[f"{name}_heldout_task_accuracy"] = mean(correctness(rows, theirs))
-    exact = paired_difference([t == r for t, r in zip(theirs, references)], [o == r for o, r in zip(ours, references)])
-    log(f"seq2seq: held-out exact match {exact.after:.3f} vs {name} {exact.before:.3f}: {exact.diff:+.3f} "
-        f"(95% CI {exact.low:+.3f}..{exact.high:+.3f}, p={exact.p_value:.2g}, {exact.verdict}); "
-        f"BLEU {name} {scores['bleu']:.1f}, chrF {name} {scores['chrf']:.1f}")  # fmt: skip
-    return metrics | exact.as_metrics(f"exact_match_vs_{name}")
-
-
-def finished_folder(name: str, output_dir: Path) -> Path:
-    """`paired_with`: a stage name of this run (a sibling of output_dir) or a folder; it must hold a finished model."""
-    folder = output_dir.parent / name if "/" not in name else Path(name)
-    if not (folder / MARKER).is_file():
-        raise QuillError(
-            f"paired_with: '{name}' is not a finished stage ({folder} has no {MARKER})",
-            "run that stage first (list it earlier in the recipe), or point paired_with at a finished folder",
-        )
-    return folder
+    log(f"seq2seq: BLEU {name} {scores['bleu']:.1f}, chrF {name} {scores['chrf']:.1f}")
+    right = [[a == r for a, r in zip(answers, references, strict=True)] for answers in (theirs, ours)]
+    return metrics | versus("seq2seq", "exact_match", name, *right)
 
 
 def main(argv=None):
