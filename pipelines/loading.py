@@ -24,7 +24,7 @@ from transformers import (
 import quill.model  # noqa: F401  registers Quill with the Auto classes, so no remote code is needed here
 from quill.errors import QuillError, one_line
 from quill.hub import is_hub_id
-from quill.model import QuillConfig
+from quill.model import AUTO_CLASSES, QuillConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 CAUSAL_LM, CLASSIFIER = "causal-lm", "classifier"
@@ -113,7 +113,10 @@ def load_model(model_args, tokenizer, task: "str | Task" = CAUSAL_LM, kind: str 
                 eos_token_id=tokenizer.eos_token_id,
                 **head,
             )
-            model = auto.from_config(config)
+            # The Quill class itself, not `auto.from_config`: under ZeRO-3 from_config builds inside
+            # deepspeed.zero.Init, which draws the initial weights per shard, so a sharded run would start from other
+            # weights than one process does (tests/test_distributed.py compares the two).
+            model = AUTO_CLASSES[auto](config)
         except ValueError as err:  # an option outside its choices, or a head the architecture refuses
             raise QuillError(
                 f"model_config: {one_line(err, 300)}", "fix model_config (QuillConfig lists the choices)"

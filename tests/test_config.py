@@ -167,12 +167,14 @@ def test_command_line_forms():
 
 
 def test_bare_debug_is_quills_flag(monkeypatch):
-    monkeypatch.delenv("QUILL_DEBUG", raising=False)
+    # setenv records the variable's state before the test, which teardown restores: the parser sets QUILL_DEBUG in
+    # this process, and a leaked "1" would turn later tests' one-line errors into tracebacks.
+    monkeypatch.setenv("QUILL_DEBUG", "0")
     *_, sft, _ = build_stage_args(SFT_TYPES, ["use_cpu=true", "--debug"])
     assert os.environ["QUILL_DEBUG"] == "1" and sft.debug == []  # Quill's traceback flag, not TrainingArguments'
-    monkeypatch.delenv("QUILL_DEBUG")
+    monkeypatch.setenv("QUILL_DEBUG", "0")
     *_, sft, _ = build_stage_args(SFT_TYPES, ["use_cpu=true", "--debug", "underflow_overflow"])
-    assert "QUILL_DEBUG" not in os.environ and [d.value for d in sft.debug] == ["underflow_overflow"]
+    assert os.environ["QUILL_DEBUG"] == "0" and [d.value for d in sft.debug] == ["underflow_overflow"]
 
 
 STAGE_TYPES = {name: importlib.import_module(stage_module(name)).ARG_TYPES for name in STAGES}
