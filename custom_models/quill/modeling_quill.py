@@ -83,6 +83,11 @@ def quill_norm(config: QuillConfig, size: int) -> nn.Module:
     return QuillRMSNorm(size, config.rms_norm_eps)
 
 
+def final_norm(config: QuillConfig) -> nn.Module:
+    # Post-norm blocks end in a norm already (the original transformer has no final one).
+    return quill_norm(config, config.hidden_size) if config.norm_position == "pre" else nn.Identity()
+
+
 class QuillAttention(nn.Module):
     def __init__(self, config: QuillConfig, layer_idx: int):
         super().__init__()
@@ -227,8 +232,7 @@ class QuillModel(QuillPreTrainedModel):
         elif position == "sinusoidal":
             self.embed_positions = QuillSinusoidalEmbedding(config)
         self.layers = nn.ModuleList(QuillDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        # Post-norm blocks end in a norm already (the original transformer has no final one).
-        self.norm = quill_norm(config, config.hidden_size) if config.norm_position == "pre" else nn.Identity()
+        self.norm = final_norm(config)
         self.gradient_checkpointing = False
         self.post_init()
 

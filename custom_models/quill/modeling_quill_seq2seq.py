@@ -38,6 +38,7 @@ from .modeling_quill import (
     QuillSinusoidalEmbedding,
     deprecate_past_key_values,
     eager_attention_forward,
+    final_norm,
     quill_mlp,
     quill_norm,
 )
@@ -98,11 +99,6 @@ class QuillPositions(nn.Module):
         if self.kind == "learned":
             return hidden_states + self.embed_positions(position_ids), None
         return self.embed_positions(hidden_states, position_ids), None
-
-
-def final_norm(config: QuillConfig) -> nn.Module:
-    # Post-norm blocks end in a norm already (the original transformer has no final one), as in QuillModel.
-    return quill_norm(config, config.hidden_size) if config.norm_position == "pre" else nn.Identity()
 
 
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
