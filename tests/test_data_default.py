@@ -2,6 +2,7 @@ import json
 import re
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -225,3 +226,18 @@ def test_rate_zero_builds_clean_demonstrations_of_the_same_questions(built, tmp_
 def test_a_bad_demonstrator_is_one_line(spec, needle):
     with pytest.raises(QuillError, match=re.escape(needle)):
         tasks.Demonstrator.parse(spec)
+
+
+def test_the_cache_is_named_by_the_generator_code(tmp_path, monkeypatch):
+    """A changed generator (here: a task's config) must not reuse the data an older generator cached. A hand-bumped
+    version once missed the change from 3 to 2 sorted numbers, and runs read the stale 3-number set."""
+    from quill.data import builtin
+
+    monkeypatch.setenv("QUILL_CACHE", str(tmp_path))
+    before = builtin.cache_dir()
+    source = tmp_path / "tasks.py"
+    source.write_text(Path(tasks.__file__).read_text().replace('"max_numbers": 2', '"max_numbers": 3'))
+    monkeypatch.setattr(tasks, "__file__", str(source))
+    after = builtin.cache_dir()
+    assert after != before and after.parent == before.parent == tmp_path
+    assert before.name.endswith("-number_sorting-descending-ascending-0.7")

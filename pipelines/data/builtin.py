@@ -5,6 +5,7 @@ default sizes, the stage's `demonstrator`) under `$QUILL_CACHE` (default `~/.cac
 demonstrator. A recipe takes fewer rows with `max_samples`.
 """
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -13,17 +14,30 @@ from dataclasses import astuple
 from pathlib import Path
 
 from quill.data import DEFAULT_PREFIX as PREFIX
+from quill.data import default_data, tasks
 from quill.data.default_data import FILES, build_default_data
 from quill.data.tasks import Demonstrator
 from quill.errors import QuillError
 
-VERSION = "v5"  # bump when the generator changes, so stale caches are not reused
+
+def code_digest(*modules) -> str:
+    """A short hash of the generator modules' source. It names the cache, so any change to a generator (a task's
+    config, a size, a format) builds new data. A hand-bumped version once missed a change (3 -> 2 sorted numbers)
+    and runs read the stale set."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QUILL_CACHE", Path.home() / ".cache" / "quill"))
 
 
 def cache_dir(demonstrator: Demonstrator | None = None) -> Path:
     d = Demonstrator() if demonstrator is None else demonstrator
     variant = "-".join(str(v) for v in astuple(d))  # e.g. number_sorting-descending-ascending-0.7
-    return Path(os.environ.get("QUILL_CACHE", Path.home() / ".cache" / "quill")) / f"default-data-{VERSION}-{variant}"
+    return cache_root() / f"default-data-{code_digest(default_data, tasks)}-{variant}"
 
 
 def resolve(path: str, demonstrator: Demonstrator | None = None) -> str:

@@ -21,18 +21,18 @@ disjoint parts, so masked-LM pretraining never sees a passage the labelled sets 
 """
 
 import json
-import os
 import random
 import re
+import sys
 from pathlib import Path
 
 import datasets
 
-from quill.data.builtin import build_once
+from quill.data import default_data
+from quill.data.builtin import build_once, cache_root, code_digest
 from quill.errors import QuillError
 
 PREFIX = "quill:encoder/"
-VERSION = "v1"  # bump when the generator changes, so stale caches are not reused
 FILES = ("mlm_train", "classify", "qa")
 SIZES = {"classify_docs": 1200, "qa_docs": 1000, "classify_rows": 3000, "qa_rows": 3000}
 LABELS = ("natural", "swapped")
@@ -151,7 +151,8 @@ def check_qa(ds, source: str) -> None:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("QUILL_CACHE", Path.home() / ".cache" / "quill")) / f"encoder-data-{VERSION}"
+    # Named by the generators' code (this module and the documents' source): a changed generator builds anew.
+    return cache_root() / f"encoder-data-{code_digest(sys.modules[__name__], default_data)}"
 
 
 def resolve(path: str) -> str:
@@ -229,10 +230,8 @@ def qa_rows(docs: list[str], n: int, rng: random.Random, context_words: int = 60
 
 def build_encoder_data(out_dir, seed: int = 0, sizes: dict | None = None) -> dict[str, str]:
     """Write FILES as jsonl and SOURCES.md to `out_dir`; the same arguments always give byte-identical files."""
-    from quill.data.default_data import english_documents
-
     sizes = {**SIZES, **(sizes or {})}
-    docs = list(english_documents())
+    docs = list(default_data.english_documents())
     random.Random(f"{seed}-encoder").shuffle(docs)
     n_c, n_q = sizes["classify_docs"], sizes["qa_docs"]
     parts = {
