@@ -16,7 +16,7 @@
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from quill.data.tasks import reward_fn
 from quill.metrics import correctness, reward_model_scores, sample_completions
@@ -55,15 +55,19 @@ class Agreement:
     auc: GroupAUC
     mean: float  # of the reward model's scores on the policy's samples: the scale ScaledRewardModel uses
     std: float
+    by_slice: dict[str, GroupAUC] = field(default_factory=dict)  # "on"/"off" where the rows name a slice
 
     def as_metrics(self) -> dict:
-        return {
-            "rm_agreement_auc": self.auc.auc,
-            "rm_agreement_auc_low": self.auc.low,
-            "rm_agreement_auc_high": self.auc.high,
-            "rm_agreement_pairs": self.auc.pairs,
-            "rm_agreement_prompts": self.auc.groups,
-        }
+        metrics = {}
+        for prefix, auc in [("", self.auc), *((f"{name}_slice_", a) for name, a in self.by_slice.items())]:
+            metrics |= {
+                f"{prefix}rm_agreement_auc": auc.auc,
+                f"{prefix}rm_agreement_auc_low": auc.low,
+                f"{prefix}rm_agreement_auc_high": auc.high,
+                f"{prefix}rm_agreement_pairs": auc.pairs,
+                f"{prefix}rm_agreement_prompts": auc.groups,
+            }
+        return metrics
 
 
 def reward_model_agreement(
@@ -78,7 +82,13 @@ def reward_model_agreement(
         i += len(group)
     mean = sum(flat) / len(flat)
     std = math.sqrt(sum((s - mean) ** 2 for s in flat) / max(1, len(flat) - 1)) or 1.0
-    return Agreement(within_group_auc(groups), mean, std)
+    # On the planted slice and off it: a reward model can learn the planted mistake and miss the capacity errors.
+    by_slice = {
+        name: within_group_auc([g for g, row in zip(groups, rows, strict=True) if row.get("slice") == name])
+        for name in ("on", "off")
+        if any(row.get("slice") == name for row in rows)
+    }
+    return Agreement(within_group_auc(groups), mean, std, by_slice)
 
 
 def use_reward_model(agreement: Agreement, threshold: float | None) -> tuple[bool, str]:

@@ -145,6 +145,12 @@ def test_agreement_is_the_within_group_auc_and_gates_the_reward_model(tmp_path):
     planted = PlantedRewardModel(tok, {"19": 1.0, "18": 0.0, "20": 1.0, "35": 0.5, "36": 2.0, "34": -1.0})
     agreement = reward_model_agreement(planted, tok, rows, samples, correct)
     assert agreement.auc.auc == 0.625 and agreement.auc.pairs == 4 and agreement.auc.groups == 2
+    assert agreement.by_slice == {} and "on_slice_rm_agreement_auc" not in agreement.as_metrics()
+    # Rows that name a slice get the AUC on it and off it too (here: the first prompt on it, the second off it).
+    sliced = [{**rows[0], "slice": "on"}, {**rows[1], "slice": "off"}]
+    metrics = reward_model_agreement(planted, tok, sliced, samples, correct).as_metrics()
+    assert metrics["on_slice_rm_agreement_auc"] == 0.75 and metrics["off_slice_rm_agreement_auc"] == 0.5
+    assert metrics["on_slice_rm_agreement_pairs"] == 2 and metrics["rm_agreement_auc"] == 0.625
     used, why = use_reward_model(agreement, threshold=0.65)
     assert not used and "not used" in why and "verifiable task reward alone" in why and "0.625" in why
     used, why = use_reward_model(agreement, threshold=0.6)

@@ -37,6 +37,12 @@ EVAL = {
         "rm_agreement_auc_high": (0.53, 0.67),
         "rm_agreement_pairs": (908, 908),
         "rm_agreement_prompts": (94, 94),
+        "on_slice_rm_agreement_auc": (0.5, 0.8),
+        "on_slice_rm_agreement_auc_low": (0.4, 0.7),
+        "on_slice_rm_agreement_auc_high": (0.6, 0.9),
+        "off_slice_rm_agreement_auc": (0.45, 0.52),
+        "off_slice_rm_agreement_auc_low": (0.38, 0.44),
+        "off_slice_rm_agreement_auc_high": (0.52, 0.6),
     },
     "rl": {"headroom": (0.2, 0.15), "pass_at_8": (0.5, 0.55), "sampled_prompts": (300, 300)},
     "rlvr": {},
@@ -195,6 +201,8 @@ def test_report_leads_with_what_each_stage_changed(tmp_path):
     )
     # Other stages: the number each is judged by.
     assert rows["reward"]["all held-out prompts"] == "0.46 → 0.61 [0.550, 0.670], above chance"
+    assert rows["reward"]["on the slice"] == "0.5 → 0.8 [0.700, 0.900], above chance"
+    assert rows["reward"]["off the slice"] == "0.45 → 0.52 [0.440, 0.600], not distinguishable from chance"
     assert rows["pretrain"]["all held-out prompts"] == "8.31 → 3.12" and rows["pretrain"]["on the slice"] == "—"
     assert rows["tokenizer"]["all held-out prompts"] == "3.4"
 

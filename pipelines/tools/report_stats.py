@@ -164,7 +164,10 @@ def lead_rows(stages: list) -> list[list[str]]:
             continue
         for key, label, chance in HEADLINES:
             if num(m.get(key)) is not None:
-                rows.append([s.name, label, headline_cell(m, key, chance)] + [MISSING] * (len(LEAD_GROUPS) - 1))
+                # The slice columns where the stage measured its number per slice (the reward model's agreement).
+                keyed = [f"{group.removesuffix('accuracy')}{key}" for group, _ in LEAD_GROUPS[1:]]
+                cells = [headline_cell(m, k, chance) if num(m.get(k)) is not None else MISSING for k in keyed]
+                rows.append([s.name, label, headline_cell(m, key, chance), *cells])
                 break
     return rows
 
@@ -328,5 +331,13 @@ def reward_section(stages: list[StageReport]) -> list[str]:
         f"{fmt(m.get('rm_agreement_auc_before'))} before training (untrained head) -> "
         f"{fmt(m['rm_agreement_auc'])} after (95% CI {fmt(m.get('rm_agreement_auc_low'))} to "
         f"{fmt(m.get('rm_agreement_auc_high'))}, {fmt(m.get('rm_agreement_pairs'))} right/wrong pairs).",
+        "",
+        *(
+            f"- {where} the slice ({fmt(m.get(f'{p}rm_agreement_prompts'))} prompts): "
+            f"{fmt(m.get(f'{p}rm_agreement_auc_before'))} -> {fmt(m[f'{p}rm_agreement_auc'])} (95% CI "
+            f"{fmt(m.get(f'{p}rm_agreement_auc_low'))} to {fmt(m.get(f'{p}rm_agreement_auc_high'))})."
+            for where, p in (("On", "on_slice_"), ("Off", "off_slice_"))
+            if num(m.get(f"{p}rm_agreement_auc")) is not None
+        ),
         "",
     ]
