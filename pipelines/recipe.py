@@ -388,6 +388,8 @@ SMOKE = {
     "task_eval_limit": 4,
 }
 SMOKE_MODEL = {"depth": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+SMOKE_LAYER_KEYS = ("num_hidden_layers", "num_decoder_layers")
+SMOKE_DERIVED_KEYS = ("head_dim", "num_key_value_heads")  # left out: QuillConfig derives them from SMOKE_MODEL
 SMOKE_ROWS, SMOKE_EVAL_ROWS = 64, 4
 
 
@@ -396,7 +398,13 @@ def smoke_overrides(spec: StageSpec, accepted: set[str]) -> list[str]:
     values = {k: v for k, (v, _) in load_config_file(spec.config).values.items()} if spec.config else {}
     settings = {k: v for k, v in SMOKE.items() if k in accepted}
     if "model_config" in values:
-        settings["model_config"] = {**values["model_config"], **SMOKE_MODEL, "max_position_embeddings": 512}
+        shrunk = {**values["model_config"], **SMOKE_MODEL, "max_position_embeddings": 512}
+        # A layer count set beside depth (an encoder's num_hidden_layers, an encoder-decoder's num_decoder_layers)
+        # follows the smoke depth, and head shapes follow its width: else a smoke model keeps the full-size stack.
+        for key in SMOKE_LAYER_KEYS:
+            if key in shrunk:
+                shrunk[key] = SMOKE_MODEL["depth"]
+        settings["model_config"] = {k: v for k, v in shrunk.items() if k not in SMOKE_DERIVED_KEYS}
     if values.get("eval_size"):
         settings["eval_size"] = SMOKE_EVAL_ROWS
     if values.get("dataset_mixture"):

@@ -13,6 +13,9 @@ STAGES = {
     "tiny-distill": ["tokenizer", "pretrain", "teacher", "student", "distill"],
     "tiny-seq2seq": ["tokenizer", "decoder", "seq2seq"],
     "tiny-encoder": ["tokenizer", "mlm", "classify_scratch", "classify", "qa_scratch", "qa"],
+    "gpt2-124m": ["tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "student", "distill"],
+    "bert-base": ["tokenizer", "mlm", "classify", "qa"],
+    "t5-small": ["tokenizer", "seq2seq"],
 }
 RECIPES = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*/recipe.yaml"))
 

@@ -1,5 +1,6 @@
-"""`quill run recipes/gpt2-124m --smoke`: every stage of the GPU recipe runs, for a few steps at tiny size on one
-CPU process, on the real-schema copies of its Hub datasets (tests/hub_datasets.py) served by the loopback Hub."""
+"""`quill run <GPU recipe> --smoke`: every stage of each GPU recipe (gpt2-124m, bert-base, t5-small) runs, for a few
+steps at tiny size on one CPU process, on the real-schema copies of its Hub datasets (tests/hub_datasets.py) served
+by the loopback Hub."""
 
 from __future__ import annotations
 
@@ -10,19 +11,64 @@ import sys
 import pytest
 from tiny_outputs import REPO, is_done
 
-STAGES = ("tokenizer", "pretrain", "sft", "dpo", "reward", "rl")
+
+def run_smoke(hub, tmp_path, recipe: str, stages: tuple[str, ...]):
+    """Run the recipe with --smoke; check every stage finished; return (output folder, Hub dataset repos read)."""
+    out = tmp_path / f"{recipe}-smoke"
+    env = hub.env(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "quill.cli", "run", f"recipes/{recipe}", "--smoke", "--output-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    for stage in stages:
+        assert is_done(out / stage), stage
+    fetched = {r["path"].split("/resolve/")[0] for r in hub.log if "/resolve/" in r["path"]}
+    return out, fetched
+
+
+def config(folder) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def metrics(folder) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
 
 
 @pytest.mark.slow
 def test_gpt2_124m_smoke_runs_every_stage_on_real_schema_data(hub_with_datasets, tmp_path):
-    out = tmp_path / "gpt2-smoke"
-    env = hub_with_datasets.env(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "quill.cli", "run", "recipes/gpt2-124m", "--smoke", "--output-dir", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    for stage in STAGES:
-        assert is_done(out / stage), stage
-    assert json.loads((out / "pretrain" / "config.json").read_text())["hidden_size"] == 32  # tiny, not 124M
-    fetched = {r["path"].split("/resolve/")[0] for r in hub_with_datasets.log if "/resolve/" in r["path"]}
+    stages = ("tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "student", "distill")
+    out, fetched = run_smoke(hub_with_datasets, tmp_path, "gpt2-124m", stages)
+    assert config(out / "pretrain")["hidden_size"] == 32  # tiny, not 124M
+    assert config(out / "distill")["hidden_size"] == 32 and config(out / "distill")["num_hidden_layers"] == 1
+    # The distilled student was scored beside its teacher (the rl stage) and its SFT control on the held-out prompts.
+    assert {"task_accuracy", "teacher_task_accuracy", "control_task_accuracy"} <= metrics(out / "distill").keys()
+    sources = json.loads((out / "distill" / "quill_stage.json").read_text())["fingerprint"]["sources"]
+    assert sources["teacher_model_name_or_path"]["stage"] == str(out / "rl")  # the chain's final policy
+    assert sources["model_name_or_path"]["stage"] == str(out / "student")
     for repo in ("fineweb-edu", "smoltalk", "ultrafeedback_binarized"):
         assert any(repo in path for path in fetched), (repo, fetched)  # the data came from the loopback Hub
+
+
+@pytest.mark.slow
+def test_bert_base_smoke_runs_every_stage_on_real_schema_data(hub_with_datasets, tmp_path):
+    out, fetched = run_smoke(hub_with_datasets, tmp_path, "bert-base", ("tokenizer", "mlm", "classify", "qa"))
+    mlm = config(out / "mlm")
+    assert (mlm["hidden_size"], mlm["num_hidden_layers"]) == (32, 1)  # tiny, not bert-base's 768 x 12
+    assert (mlm["is_decoder"], mlm["norm_position"], mlm["position_embedding"]) == (False, "post", "learned")
+    # SST-2's ClassLabel names became the classifier's labels; SQuAD's nested answers were read as spans.
+    assert config(out / "classify")["id2label"] == {"0": "negative", "1": "positive"}
+    assert "eval_accuracy" in metrics(out / "classify")
+    assert "eval_exact_match" in metrics(out / "qa")
+    for repo in ("fineweb-edu", "nyu-mll/glue", "rajpurkar/squad"):
+        assert any(repo in path for path in fetched), (repo, fetched)
+
+
+@pytest.mark.slow
+def test_t5_small_smoke_runs_every_stage_on_real_schema_data(hub_with_datasets, tmp_path):
+    out, fetched = run_smoke(hub_with_datasets, tmp_path, "t5-small", ("tokenizer", "seq2seq"))
+    model = config(out / "seq2seq")
+    assert model["is_encoder_decoder"] is True
+    assert (model["hidden_size"], model["num_hidden_layers"], model["num_decoder_layers"]) == (32, 1, 1)
+    scores = metrics(out / "seq2seq")
+    assert {"eval_bleu", "eval_chrf"} <= scores.keys(), scores  # generated translations, scored
+    for repo in ("fineweb-edu", "fineweb-2", "wmt/wmt14"):
+        assert any(repo in path for path in fetched), (repo, fetched)
