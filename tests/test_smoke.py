@@ -18,7 +18,8 @@ def run_smoke(hub, tmp_path, recipe: str, stages: tuple[str, ...]):
     env = hub.env(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "quill.cli", "run", f"recipes/{recipe}", "--smoke", "--output-dir", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    if proc.returncode != 0:  # the runner's last lines name the failing stage and its one-line error
+        pytest.fail(f"{' '.join(cmd[2:])} exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     for stage in stages:
         assert is_done(out / stage), stage
     fetched = {r["path"].split("/resolve/")[0] for r in hub.log if "/resolve/" in r["path"]}
