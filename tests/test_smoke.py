@@ -73,3 +73,28 @@ def test_t5_small_smoke_runs_every_stage_on_real_schema_data(hub_with_datasets, 
     assert {"eval_bleu", "eval_chrf"} <= scores.keys(), scores  # generated translations, scored
     for repo in ("fineweb-edu", "fineweb-2", "wmt/wmt14"):
         assert any(repo in path for path in fetched), (repo, fetched)
+
+
+GLUE_SPLITS = """
+    from quill.data.labelled import check_classification
+    from quill.data.sources import load_source
+    from quill.errors import QuillError
+
+    def sst2(split):
+        source = {"path": "nyu-mll/glue", "name": "sst2", "split": split, "columns": {"sentence": "text"}}
+        return load_source({**source, "max_samples": 16})
+
+    print("LABELS", check_classification(sst2("validation"), "nyu-mll/glue"))
+    try:
+        check_classification(sst2("test"), "nyu-mll/glue")
+    except QuillError as e:
+        print("ERROR", e.problem, "| fix:", e.fix)
+"""
+
+
+def test_glue_test_split_has_no_labels_and_says_so(hub_with_datasets):
+    # SST-2's label is a ClassLabel (read from the Hub as a capped stream, its names kept); its test split's labels
+    # are -1, datasets' "no label": a user who picks it is told so, not asked to add -1 to the label set.
+    out = hub_with_datasets.run_python(GLUE_SPLITS).stdout
+    assert "LABELS ['negative', 'positive']" in out, out
+    assert "row 0, column 'label': -1 is a ClassLabel's 'no label'" in out and "split: train" in out, out

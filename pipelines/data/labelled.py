@@ -93,6 +93,12 @@ def check_classification(ds, source: str, labels: list | None = None) -> list[st
                 f"{source} row {i}, column 'label': expected one class (a string or an int), found {_show(label)}",
                 "store one class name or class id per row",
             )
+        if names is not None and label == -1:  # datasets' ClassLabel id for "no label"
+            raise QuillError(
+                f"{source} row {i}, column 'label': -1 is a ClassLabel's 'no label' (benchmarks such as GLUE keep "
+                "their test labels private)",
+                "train and evaluate on a labelled split: `split: train` (the held-out rows come from eval_size)",
+            )
         if allowed and str(label) not in allowed:
             raise QuillError(
                 f"{source} row {i}, column 'label': {_show(label)} is not in the label set {allowed}",
