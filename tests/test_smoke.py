@@ -11,6 +11,8 @@ import sys
 import pytest
 from tiny_outputs import REPO, is_done
 
+from quill.recipe import load_recipe, plan_recipe
+
 
 def run_smoke(hub, tmp_path, recipe: str, stages: tuple[str, ...]):
     """Run the recipe with --smoke; check every stage finished; return (output folder, Hub dataset repos read)."""
@@ -32,6 +34,15 @@ def config(folder) -> dict:
 
 def metrics(folder) -> dict:
     return json.loads((folder / "metrics.json").read_text())
+
+
+def test_smoke_shrinks_every_layer_count_of_a_model_config(tmp_path):
+    # t5-small sets num_hidden_layers and num_decoder_layers beside the width: both follow the smoke depth.
+    plans = plan_recipe(load_recipe(REPO / "recipes" / "t5-small"), tmp_path, smoke=True)
+    argv = next(p.argv for p in plans if p.spec.name == "seq2seq")
+    model = json.loads(next(a for a in argv if a.startswith("model_config="))[len("model_config=") :])
+    assert (model["hidden_size"], model["num_hidden_layers"], model["num_decoder_layers"]) == (32, 1, 1), model
+    assert model["hidden_act"] == "relu"  # the recipe's architecture choices stay
 
 
 @pytest.mark.slow
