@@ -214,6 +214,7 @@ def test_report_leads_with_what_each_stage_changed(tmp_path):
     assert "`dpo`, `reward`, `rl` and `rlvr` learn from the task's scorer" in disclosure
     assert "After `sft` the model answers 20.0% of the slice's held-out prompts right, 50.0% off it." in disclosure
     assert "## Ablation" not in text
+    assert "not run" not in text  # every stage of the run's recipe ran (other stage kinds are not "not run")
 
     for part in ("## Hardware", "CPU cores", "## Versions", "- torch:", "- trl:", "- python:", "## Recipe"):
         assert part in text, part

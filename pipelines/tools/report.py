@@ -267,7 +267,8 @@ def load_ablation(path: Path) -> tuple[Path, list[StageReport]]:
 
 def render(run_dir: Path, stages: list[StageReport], images: list[str], ablation: tuple | None = None) -> str:
     present = {s.name for s in stages}
-    absent = [n for n in STAGES if n not in present]
+    # The recipe's stages that left no folder (all kinds Quill knows when there is no run record to say which).
+    absent = [n for n in (recipe_stages(run_dir) or STAGES) if n not in present]
     wall = sum(num(s.metrics.get("wall_seconds")) or 0 for s in stages)
     tokens = sum(num(s.metrics.get("tokens_seen")) or 0 for s in stages)
     other = ablation_section(ablation[1], demonstrator(*ablation), str(ablation[0])) if ablation else []
