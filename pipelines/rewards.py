@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 from quill.data.tasks import reward_fn
-from quill.metrics import correctness, reward_model_scores, sample_completions
+from quill.metrics import accuracy_groups, correctness, reward_model_scores, sample_completions
 from quill.stats import GroupAUC, within_group_auc
 
 
@@ -55,11 +55,11 @@ class Agreement:
     auc: GroupAUC
     mean: float  # of the reward model's scores on the policy's samples: the scale ScaledRewardModel uses
     std: float
-    by_slice: dict[str, GroupAUC] = field(default_factory=dict)  # "on"/"off" where the rows name a slice
+    by_slice: dict[str, GroupAUC] = field(default_factory=dict)  # on_slice/off_slice where the rows name a slice
 
     def as_metrics(self) -> dict:
         metrics = {}
-        for prefix, auc in [("", self.auc), *((f"{name}_slice_", a) for name, a in self.by_slice.items())]:
+        for prefix, auc in [("", self.auc), *((f"{name}_", a) for name, a in self.by_slice.items())]:
             metrics |= {
                 f"{prefix}rm_agreement_auc": auc.auc,
                 f"{prefix}rm_agreement_auc_low": auc.low,
@@ -82,11 +82,12 @@ def reward_model_agreement(
         i += len(group)
     mean = sum(flat) / len(flat)
     std = math.sqrt(sum((s - mean) ** 2 for s in flat) / max(1, len(flat) - 1)) or 1.0
-    # On the planted slice and off it: a reward model can learn the planted mistake and miss the capacity errors.
+    # On the planted slice and off it (the accuracy's row groups): a reward model can learn the planted mistake and
+    # miss the capacity errors.
     by_slice = {
-        name: within_group_auc([g for g, row in zip(groups, rows, strict=True) if row.get("slice") == name])
-        for name in ("on", "off")
-        if any(row.get("slice") == name for row in rows)
+        name: within_group_auc([groups[i] for i in indices])
+        for name, indices in accuracy_groups(rows).items()
+        if name.endswith("_slice")
     }
     return Agreement(within_group_auc(groups), mean, std, by_slice)
 

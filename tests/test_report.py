@@ -264,6 +264,8 @@ def test_details_keep_the_per_task_comparisons_and_rl(tmp_path):
     assert "used by rl: **no**" in details and "reward model not used" in details and "31.0%" in details
     assert "- pass@8: 0.5 -> 0.55" in details and "- headroom pass@8 - greedy: 0.2 -> 0.15" in details
     assert "### Reward model: agreement" in details
+    assert "- On the slice (— prompts): 0.5 -> 0.8 (95% CI 0.7 to 0.9)." in details
+    assert "- Off the slice (— prompts): 0.45 -> 0.52" in details
 
 
 def test_report_copes_with_missing_stages(tmp_path, capsys):

@@ -333,10 +333,10 @@ def reward_section(stages: list[StageReport]) -> list[str]:
         f"{fmt(m.get('rm_agreement_auc_high'))}, {fmt(m.get('rm_agreement_pairs'))} right/wrong pairs).",
         "",
         *(
-            f"- {where} the slice ({fmt(m.get(f'{p}rm_agreement_prompts'))} prompts): "
+            f"- {label.capitalize()} ({fmt(m.get(f'{p}rm_agreement_prompts'))} prompts): "
             f"{fmt(m.get(f'{p}rm_agreement_auc_before'))} -> {fmt(m[f'{p}rm_agreement_auc'])} (95% CI "
             f"{fmt(m.get(f'{p}rm_agreement_auc_low'))} to {fmt(m.get(f'{p}rm_agreement_auc_high'))})."
-            for where, p in (("On", "on_slice_"), ("Off", "off_slice_"))
+            for p, label in ((group.removesuffix("accuracy"), label) for group, label in LEAD_GROUPS[1:])
             if num(m.get(f"{p}rm_agreement_auc")) is not None
         ),
         "",
