@@ -6,8 +6,10 @@ The launcher (torchrun under `accelerate launch`) then stops the survivor too an
 the line checked here is the survivor's, written before that (quill.stages.distributed.watch_ranks).
 """
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -92,3 +94,46 @@ def test_a_killed_rank_is_named_and_the_rerun_resumes_from_the_last_checkpoint(c
     assert is_done(out)
     # The uninterrupted single-process run with the same global batch: float summation order apart, the same model.
     assert_close_weights(tiny["pre"], out, tol=1e-4)
+
+
+class _Store:
+    """The process group's store as dead_rank_error reads it: where each rank said it runs."""
+
+    def __init__(self, where: dict[int, dict]):
+        self.where = where
+
+    def get(self, key: str) -> bytes:
+        return json.dumps(self.where[int(key.rsplit("/", 1)[1])]).encode()
+
+
+def test_a_rank_still_exiting_when_the_collective_fails_is_named_dead(tmp_path):
+    # A killed rank's sockets close before the kernel has finished tearing it down, so the survivor's collective
+    # can fail while the dead rank's process still shows as running (CI caught this once). A peer that exits 0.3 s
+    # after the failure must be named as the rank that died, not as one that "did not answer".
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from quill.stages.distributed import dead_rank_error
+
+    exiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    try:
+        store = _Store({1: {"host": socket.gethostname(), "pid": exiting.pid}})
+        trainer = SimpleNamespace(
+            args=SimpleNamespace(output_dir=str(tmp_path / "out" / "tmp"), ddp_timeout=TIMEOUT),
+            state=SimpleNamespace(global_step=2),
+        )
+        err = dist.DistError("[gloo] Connection closed by peer")
+        named = dead_rank_error(err, trainer, store, rank=0, world=2)
+        assert named.problem.startswith("rank 1 of this 2-process run died during training (step 2)"), named.problem
+    finally:
+        exiting.wait()
+    # A peer that stays alive is reported as not answering, not as dead.
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        store = _Store({1: {"host": socket.gethostname(), "pid": alive.pid}})
+        named = dead_rank_error(err, trainer, store, rank=0, world=2)
+        assert "no rank has died: rank 1 did not answer" in named.problem, named.problem
+    finally:
+        alive.kill()
+        alive.wait()

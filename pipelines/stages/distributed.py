@@ -18,6 +18,7 @@ import json
 import math
 import os
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -137,6 +138,7 @@ def eval_loss(trainer) -> float:
 
 # -- a process of the run dies --------------------------------------------------------------------------------------
 
+EXIT_GRACE = 5.0  # seconds a rank whose collective failed may take to finish exiting before it counts as alive
 RANK_KEY = "quill/rank/{}"  # the store the launcher hosts outlives any worker: where each rank says where it runs
 
 
@@ -176,15 +178,24 @@ def dead_rank_error(err: Exception, trainer, store, rank: int, world: int):
 
     if not isinstance(err, dist.DistError) and not any(w in str(err) for w in ("gloo", "NCCL", "ProcessGroup")):
         return None  # not a collective (gloo's errors name their source file): the error speaks for itself
-    dead, silent = [], []
+    local, silent = {}, []
     for other in (r for r in range(world) if r != rank):
         try:
             where = json.loads(store.get(RANK_KEY.format(other)))
         except Exception:  # the store went with the process that hosted it
             silent.append(other)
             continue
-        # A process of another machine cannot be seen from here: it counts as silent, not dead.
-        (dead if where["host"] == socket.gethostname() and not _alive(where["pid"]) else silent).append(other)
+        if where["host"] == socket.gethostname():
+            local[other] = where["pid"]
+        else:  # a process of another machine cannot be seen from here: it counts as silent, not dead
+            silent.append(other)
+    # A killed rank's sockets close while the kernel still tears the process down, so the collective can fail a
+    # moment before the process shows as exited: give it EXIT_GRACE seconds to finish dying (CI once caught it alive).
+    deadline = time.monotonic() + EXIT_GRACE
+    while any(_alive(pid) for pid in local.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    dead = sorted(r for r, pid in local.items() if not _alive(pid))
+    silent = sorted(silent + [r for r in local if r not in dead])
     folder = Path(trainer.args.output_dir).parent
     complete = [p.name for p in checkpoints(folder) if is_complete_checkpoint(p)]
     resume = f"it resumes from {complete[-1]}" if complete else "no checkpoint was complete, so it starts over"
