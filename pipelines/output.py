@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import tempfile
+import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -275,9 +276,19 @@ def _has_optimizer(ckpt: Path) -> bool:
     return (ckpt / "optimizer.pt").is_file() or any(ckpt.glob("optimizer_*")) or any(ckpt.glob("global_step*"))
 
 
+def _has_rng_states(ckpt: Path) -> bool:
+    """Every rank's RNG file was written to the end. The Trainer writes trainer_state.json on rank 0 without waiting
+    for the other ranks' `rng_state_<rank>.pth`, so a rank killed just then leaves a checkpoint that looks done but
+    fails its resume with EOFError (CI caught this). A distributed save writes one file per rank, at least two."""
+    ranks = sorted(int(p.stem.rsplit("_", 1)[1]) for p in ckpt.glob("rng_state_*.pth") if p.stem[10:].isdigit())
+    if ranks and ranks != list(range(max(ranks[-1], 1) + 1)):
+        return False
+    return all(zipfile.is_zipfile(p) for p in ckpt.glob("rng_state*.pth"))  # torch.save writes a zip: a cut one is not
+
+
 def is_complete_checkpoint(ckpt: Path) -> bool:
-    """trainer_state.json (written last by the Trainer) says step N, and the weights, optimizer and scheduler that
-    resume needs are there: a save killed half-way, or a checkpoint half-deleted by rotation, is not."""
+    """trainer_state.json (written last by the Trainer) says step N, and the weights, optimizer, scheduler and RNG
+    states that resume needs are there: a save killed half-way, or a checkpoint half-deleted by rotation, is not."""
     try:
         step = int(ckpt.name.rsplit("-", 1)[-1])
         state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -288,6 +299,7 @@ def is_complete_checkpoint(ckpt: Path) -> bool:
         and _has_weights(ckpt)
         and _has_optimizer(ckpt)
         and ((ckpt / "scheduler.pt").is_file() or any(ckpt.glob("global_step*")))
+        and _has_rng_states(ckpt)
     )
 
 

@@ -137,3 +137,24 @@ def test_a_rank_still_exiting_when_the_collective_fails_is_named_dead(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_checkpoint_whose_other_rank_was_killed_while_saving_its_rng_state_is_not_complete(tmp_path):
+    # The Trainer writes trainer_state.json on rank 0 without waiting for rank 1's rng_state_1.pth: CI's FSDP2 run
+    # killed rank 1 in that window and the re-run failed with EOFError, resuming from the cut checkpoint.
+    import torch
+
+    from quill.output import is_complete_checkpoint
+
+    ckpt = tmp_path / "checkpoints" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt"):
+        (ckpt / name).write_bytes(b"x")
+    torch.save({"python": 1}, ckpt / "rng_state_0.pth")
+    assert not is_complete_checkpoint(ckpt)  # rank 1's file not there yet
+    torch.save({"python": 1}, ckpt / "rng_state_1.pth")
+    assert is_complete_checkpoint(ckpt)
+    whole = (ckpt / "rng_state_1.pth").read_bytes()
+    (ckpt / "rng_state_1.pth").write_bytes(whole[: len(whole) // 2])  # killed mid-write
+    assert not is_complete_checkpoint(ckpt)
