@@ -102,6 +102,10 @@ def heldout_loss(model, tokenizer, texts: list[str], max_length: int = 256, batc
     to the text's UTF-8 bytes: bits_per_byte = total nats / ln 2 / total bytes. Texts longer than `max_length`
     are cut into windows of `max_length` that overlap by one token, so each token is scored exactly once, with up
     to `max_length - 1` tokens of context.
+
+    Not the stages' `eval_loss` (quill.stages.distributed.eval_loss), on purpose: that one is the training objective
+    on the stage's own collated eval rows (packed, masked as its collator masks), sharded across ranks; this one
+    scores raw texts one by one for any causal LM, so bits per byte compare models whose tokenizers differ.
     """
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
