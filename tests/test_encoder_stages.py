@@ -22,7 +22,7 @@ from test_remote_code import run_isolated
 from tiny_outputs import REPO, is_done, stage_env
 
 from quill.arguments import DataArguments
-from quill.data.labelled import classify_rows, load_stage_rows, qa_rows
+from quill.data.labelled import _sentences, classify_rows, load_stage_rows, qa_rows
 from quill.data.tokenizer import MASK, train_tokenizer
 from quill.errors import QuillError
 
@@ -107,7 +107,7 @@ def test_every_stage_finishes_and_the_comparison_is_paired_on_the_same_rows(run)
     assert qa["exact_match_vs_qa_scratch_from"] * 100 == pytest.approx(qa_scratch["eval_exact_match"])
     assert qa["exact_match_vs_qa_scratch_to"] * 100 == pytest.approx(qa["eval_exact_match"])
     config = json.loads((out / "classify" / "config.json").read_text())
-    assert config["id2label"] == {"0": "natural", "1": "swapped"} and config["is_decoder"] is False
+    assert config["id2label"] == {"0": "natural", "1": "shuffled"} and config["is_decoder"] is False
 
 
 def test_outputs_answer_through_pipelines_without_the_project(run, tmp_path):
@@ -129,7 +129,7 @@ def test_outputs_answer_through_pipelines_without_the_project(run, tmp_path):
         """,
         tmp_path,
     )
-    assert len(result["fill"]) == 5 and result["label"] in {"natural", "swapped"}
+    assert len(result["fill"]) == 5 and result["label"] in {"natural", "shuffled"}
     assert result["span"] and result["answer"], result
 
 
@@ -177,6 +177,19 @@ def test_whole_word_masking_masks_every_token_of_a_picked_word(tmp_path):
             assert partial > 0  # token-level masking splits words: the option is what changes it
 
 
+def test_the_classification_set_pairs_sentences_as_written_with_their_words_shuffled():
+    docs = [text.strip() for _, text in sorted(pydoc_data.topics.topics.items())][:40]
+    rows = classify_rows(docs, 96, random.Random(0))
+    flat = " ".join(" ".join(d.split()) for d in docs)
+    bags = {tuple(sorted(s)) for d in docs for s in _sentences(d, 5, 32)}
+    labels = [r["label"] for r in rows]
+    assert len(rows) == 96 and labels.count("natural") == labels.count("shuffled") == 48
+    for row in rows:
+        text = row["text"].rstrip(".")
+        assert tuple(sorted(text.split())) in bags  # the words of one sentence of the documents
+        assert (text in flat) == (row["label"] == "natural")  # as written, or in another order
+
+
 def test_classlabel_names_are_the_label_set(tmp_path):
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
     rows = {"text": [f"text {i}" for i in range(8)], "label": [i % 2 for i in range(8)]}
@@ -191,7 +204,7 @@ def test_classlabel_names_are_the_label_set(tmp_path):
 
 
 def bad_classify_rows() -> list[dict]:
-    return [{"text": f"sentence {i}", "label": ["natural", "swapped"][i % 2]} for i in range(6)]
+    return [{"text": f"sentence {i}", "label": ["natural", "shuffled"][i % 2]} for i in range(6)]
 
 
 def bad_qa_rows() -> list[dict]:
@@ -212,8 +225,8 @@ BAD_DATA = {
     "label outside the label set": (
         "classify",
         bad_classify_rows()[:3] + [{"text": "sentence 3", "label": "maybe"}] + bad_classify_rows()[4:],
-        ["labels=[natural, swapped]"],
-        r"row 3, column 'label': 'maybe' is not in the label set \['natural', 'swapped'\]; fix: add 'maybe' to "
+        ["labels=[natural, shuffled]"],
+        r"row 3, column 'label': 'maybe' is not in the label set \['natural', 'shuffled'\]; fix: add 'maybe' to "
         r"`labels`, or fix or drop the row",
     ),
     "answer not a span of its context": (

@@ -14,8 +14,12 @@ documents the default data is built from (CPython's reference topics and stdlib 
 disjoint parts, so masked-LM pretraining never sees a passage the labelled sets are made of:
 
 - `mlm_train`: {text} documents for the tokenizer and the mlm stage (which hold out some with eval_size);
-- `classify`: {text, label}: a sentence as written (`natural`) or with two of its words swapped (`swapped`), half
-  each: word-order acceptability, the CoLA-like judgement masked-LM pretraining is known to help with;
+- `classify`: {text, label}: a sentence as written (`natural`) or with its words shuffled (`shuffled`), half each:
+  word-order acceptability, a judgement masked-LM pretraining is known to help with. Few rows on purpose (800: the
+  recipe holds out 500, so 300 train): pretraining pays most when labels are scarce. Measured before choosing (seed
+  0, from a masked-LM encoder at held-out loss 5.79): with 300 training rows the pretrained encoder beat the one
+  from scratch by 0.15 (p=2e-8), with 1,258 by 0.035 (p=0.016); two swapped words (the first design) stayed near
+  chance for both, even with 300 rows;
 - `qa`: SQuAD-style rows: a passage, the question `What follows "<three words of it>"?` and its answer, the next
   two words, a span of the passage at `answer_start`.
 """
@@ -34,8 +38,8 @@ from quill.errors import QuillError
 
 PREFIX = "quill:encoder/"
 FILES = ("mlm_train", "classify", "qa")
-SIZES = {"classify_docs": 1200, "qa_docs": 1000, "classify_rows": 3000, "qa_rows": 3000}
-LABELS = ("natural", "swapped")
+SIZES = {"classify_docs": 1200, "qa_docs": 1000, "classify_rows": 800, "qa_rows": 3000}
+LABELS = ("natural", "shuffled")
 QA_COLUMNS = ("context", "question", "answers")
 
 _WORD = re.compile(r"[A-Za-z][a-z]+")  # plain lower-case words (a capital first letter allowed)
@@ -184,18 +188,17 @@ def _sentences(doc: str, min_words: int, max_words: int) -> list[list[str]]:
 
 
 def classify_rows(docs: list[str], n: int, rng: random.Random) -> list[dict]:
-    """Word-order acceptability: a sentence as written, or with two different words (not neighbours) swapped."""
+    """Word-order acceptability: a sentence as written, or with its words shuffled into another order."""
     sentences = [s for d in docs for s in _sentences(d, 5, 32)]
     rng.shuffle(sentences)
     rows = []
     for words in sentences[:n]:
         label = LABELS[len(rows) % 2]
-        if label == "swapped":
-            words = list(words)
-            i, j = sorted(rng.sample(range(len(words)), 2))
-            while j - i < 2 or words[i].lower() == words[j].lower():
-                i, j = sorted(rng.sample(range(len(words)), 2))
-            words[i], words[j] = words[j], words[i]
+        if label == "shuffled":
+            shuffled = list(words)
+            while [w.lower() for w in shuffled] == [w.lower() for w in words]:
+                rng.shuffle(shuffled)
+            words = shuffled
         rows.append({"text": " ".join(words) + ".", "label": label})
     return rows
 
