@@ -27,7 +27,7 @@ HEADLINES = (
     ("rm_agreement_auc", "agreement with the task scorer (within-group AUC)", 0.5),
     ("preference_accuracy", "held-out preference accuracy", None),
     ("eval_accuracy", "held-out accuracy", None),  # classify
-    ("eval_exact_match", "held-out exact match", None),  # qa, seq2seq
+    ("eval_exact_match", "held-out exact match (%)", None),  # qa, seq2seq: percent, as SQuAD and BLEU report it
     ("eval_loss", "held-out loss", None),
     ("bytes_per_token", "bytes per token", None),
 )
