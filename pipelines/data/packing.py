@@ -4,8 +4,12 @@ Every document starts with BOS. Best-fit decreasing puts each document (or seq_l
 nothing is dropped) into the row with the least room that still fits it, so rows rarely need padding and no
 document is cut at a row boundary unless it is longer than a row. Rows carry `position_ids` that restart at 0 at
 every document start; the model's packed attention reads those restarts as document boundaries, so there is no
-attention_mask. The strategy matches `trl.pack_dataset(strategy="bfd_split")`, which returns ragged rows; we need
-fixed-length rows with labels, hence this file.
+attention_mask. The strategy matches `trl.pack_dataset(strategy="bfd_split")`, and TRL's rows are as safe on Quill:
+through TRL's padding-free collator each document's logits equal the document's alone (max difference 3.6e-7,
+measured; tests/test_model.py checks the collator), first tokens unlabelled, iterable datasets too. What TRL lacks is a
+fixed row length: its rows are ragged and padding-free flattens a batch into one row of varying length, while these
+rows are always seq_len long, so every step has the same shape (torch.compile compiles once; the memory peak is
+known from the first step), hence this file.
 
 `labels` are the inputs with -100 on padding and on the first token of every document: with the usual shift, that
 token would be predicted from the end of the previous document, a target no context can justify.
