@@ -280,11 +280,11 @@ def _has_rng_states(ckpt: Path) -> bool:
     """Every rank's RNG file was written to the end. The Trainer writes trainer_state.json on rank 0 without waiting
     for the other ranks' `rng_state_<rank>.pth`, so a rank killed just then leaves a checkpoint that looks done but
     fails its resume with EOFError (CI caught this). A distributed save writes one file per rank, at least two."""
-    indexed = (p.stem.removeprefix("rng_state_") for p in ckpt.glob("rng_state_*.pth"))
-    ranks = sorted(int(i) for i in indexed if i.isdigit())
+    files = list(ckpt.glob("rng_state*.pth"))  # rng_state.pth (one process) or rng_state_<rank>.pth
+    ranks = sorted(int(i) for i in (p.stem.removeprefix("rng_state_") for p in files) if i.isdigit())
     if ranks and ranks != list(range(max(ranks[-1], 1) + 1)):
         return False
-    return all(zipfile.is_zipfile(p) for p in ckpt.glob("rng_state*.pth"))  # torch.save writes a zip: a cut one is not
+    return all(zipfile.is_zipfile(p) for p in files)  # torch.save writes a zip: a cut one is not
 
 
 def is_complete_checkpoint(ckpt: Path) -> bool:
