@@ -10,8 +10,16 @@ from quill.tools.report_stats import LEAD_GROUPS, StageReport, num
 
 # Held-out metrics worth a panel in eval_metrics.png (whichever exist); task accuracy has its own plot, with
 # intervals. eval_accuracy and eval_exact_match are the encoder stages' (classify, qa) and seq2seq's.
-PLOTTED = ("eval_loss", "bits_per_byte", "preference_accuracy", "dpo_reward_accuracy", "mean_reward")
-PLOTTED += ("bytes_per_token", "eval_accuracy", "eval_exact_match")
+PLOTTED = (
+    "eval_loss",
+    "bits_per_byte",
+    "preference_accuracy",
+    "dpo_reward_accuracy",
+    "mean_reward",
+    "bytes_per_token",
+    "eval_accuracy",
+    "eval_exact_match",
+)
 SMOOTHING_SHARE = 10  # the RL reward's rolling mean spans 1/10 of the run's log rows: short enough to show it all
 FAINT = 0.25  # alpha of the raw points under a rolling mean
 
