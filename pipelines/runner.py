@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from quill.errors import PREEMPT_SIGNALS, PREEMPTED_EXIT, QuillError, StageFailed, display_path, redact
-from quill.output import check_finished, folder_lock, prepare_run_dir, write_json
+from quill.output import check_finished, folder_lock, prepare_run_dir, read_json, write_json
 from quill.recipe import RECIPE_FILE, Recipe, StagePlan, load_recipe, plan_recipe
 from quill.tools.report import write_report  # reads JSON only: no model libraries
 
@@ -71,6 +71,7 @@ def _run_plans(recipe: Recipe, out: Path, plans: list[StagePlan], overrides: lis
         print(f"quill: {recipe.description}", flush=True)
     results = [StageRun(p.spec.name, "not run") for p in plans]
     record = run_record(recipe, out, plans, overrides)
+    earlier = earlier_stages(out / RUN_RECORD, recipe, plans)
     current, started = None, time.monotonic()
     # One tracker run name for every stage of this `quill run` (quill.stages.tracking groups them by it).
     run_name = f"{recipe.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
@@ -115,7 +116,8 @@ def _run_plans(recipe: Recipe, out: Path, plans: list[StagePlan], overrides: lis
         raise
     finally:
         record["finished_at"] = _now()
-        record["stages"] = [{**rec, **dataclasses.asdict(r)} for rec, r in zip(record["stages"], results, strict=True)]
+        ran = {r.name: {**rec, **dataclasses.asdict(r)} for rec, r in zip(record["stages"], results, strict=True)}
+        record["stages"] = [earlier.get(s.name) or ran[s.name] for s in recipe.stages if s.name in ran | earlier]
         write_json(out / RUN_RECORD, record)
         _print_summary(out, results)
     try:
@@ -166,6 +168,19 @@ def run_record(recipe: Recipe, out: Path, plans: list[StagePlan], overrides: lis
             }
             for p in plans
         ],
+    }
+
+
+def earlier_stages(path: Path, recipe: Recipe, plans: list[StagePlan]) -> dict[str, dict]:
+    """The previous run record's entries for the recipe's stages this run will not run (left out by `--from` or
+    `--until`, or finished and skipped): their folders stay as an earlier run made them, so the new record keeps how
+    (command, config, time), marked with the `earlier_run` that made them."""
+    previous = read_json(path)  # {} when there is none or it is unreadable
+    names = {s.name for s in recipe.stages} - {p.spec.name for p in plans if not p.skip}
+    return {
+        entry["name"]: {**entry, "earlier_run": entry.get("earlier_run") or previous.get("started_at")}
+        for entry in previous.get("stages") or []
+        if isinstance(entry, dict) and entry.get("name") in names and entry.get("status") in ("ran", None)
     }
 
 

@@ -596,10 +596,10 @@ def test_run_recipe_skips_finished_stages_and_overwrites(full_recipe, tmp_path, 
     seen = json.loads((out / "sft" / "args.json").read_text())
     assert seen == {"learning_rate": 0.125, "model": "out/pretrain", "tokenizer": "out/tokenizer", "overwrite": False}
     assert read_stage_done(out / "sft")["seen"] == seen and reports == [out.resolve()]
-    record = json.loads((out / "quill_run.json").read_text())
-    assert [s["status"] for s in record["stages"]] == ["ran", "ran", "ran"]
+    first = json.loads((out / "quill_run.json").read_text())
+    assert [s["status"] for s in first["stages"]] == ["ran", "ran", "ran"]
     # The recipe's description is read: printed as the run starts and kept in the run record.
-    assert record["description"] == "a recipe of fake stages for the planner's tests"
+    assert first["description"] == "a recipe of fake stages for the planner's tests"
     assert "quill: a recipe of fake stages for the planner's tests" in capsys.readouterr().out
 
     results = run_recipe(full_recipe, output_dir=out, until_stage="sft")
@@ -609,6 +609,15 @@ def test_run_recipe_skips_finished_stages_and_overwrites(full_recipe, tmp_path, 
     results = run_recipe(full_recipe, output_dir=out, from_stage="sft", until_stage="sft", overwrite=True)
     assert [r.status for r in results] == ["ran"]
     assert json.loads((out / "sft" / "args.json").read_text())["overwrite"] is True
+    # The record still says how the stages this run left alone were made (skipped, or outside --from/--until):
+    # the first run's entries, marked with that run.
+    record = json.loads((out / "quill_run.json").read_text())
+    assert [(s["name"], s["status"], s.get("earlier_run")) for s in record["stages"]] == [
+        ("tokenizer", "ran", first["started_at"]),
+        ("pretrain", "ran", first["started_at"]),
+        ("sft", "ran", None),
+    ]
+    assert record["stages"][0]["command"] == first["stages"][0]["command"]
 
 
 def test_failed_stage_is_one_line_and_resumable(full_recipe, tmp_path, monkeypatch):

@@ -327,7 +327,9 @@ def recipe_section(run_dir: Path) -> str:
         if stage.get("config"):
             parts += [
                 "",
-                f"`{stage['name']}` ({stage.get('status', 'not run')}):",
+                f"`{stage['name']}` ({stage.get('status', 'not run')}"
+                + (f", by the earlier run of {stage['earlier_run']}" if stage.get("earlier_run") else "")
+                + "):",
                 "",
                 "```yaml",
                 stage["config"].rstrip(),
