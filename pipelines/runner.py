@@ -3,7 +3,8 @@
 The run folder is locked for the whole run (a second `quill run` on it stops with one line naming the holder).
 Finished stages are skipped; an interrupted one resumes when the same command runs again. `OUT/quill_run.json`
 records what ran: the recipe (its YAML and each stage's config as text), the overrides, each stage's command,
-status and time. The report reads that record and the stage folders.
+status and time; stages a run leaves alone keep their entries from the record before it. The report reads that
+record and the stage folders.
 """
 
 import dataclasses
