@@ -118,7 +118,8 @@ def _run_plans(recipe: Recipe, out: Path, plans: list[StagePlan], overrides: lis
     finally:
         record["finished_at"] = _now()
         ran = {r.name: {**rec, **dataclasses.asdict(r)} for rec, r in zip(record["stages"], results, strict=True)}
-        record["stages"] = [earlier.get(s.name) or ran[s.name] for s in recipe.stages if s.name in ran | earlier]
+        merged = ran | earlier  # a stage this run left alone keeps the earlier run's entry
+        record["stages"] = [merged[s.name] for s in recipe.stages if s.name in merged]
         write_json(out / RUN_RECORD, record)
         _print_summary(out, results)
     try:
