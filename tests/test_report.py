@@ -137,7 +137,9 @@ def make_run(root, stages=tuple(EVAL), recipe: bool = True, demonstrator: dict |
                     "recipe_yaml": "name: tiny\nstages:\n  - {name: pretrain, config: pretrain.yaml}\n"
                     "  - {name: rl, config: rl.yaml}\n  - {name: rlvr, config: rlvr.yaml, stage: rl}\n",
                     "overrides": ["pretrain.max_steps=5"],
-                    "stages": [{"name": "pretrain", "status": "ran", "config": "learning_rate: 3.0e-3\n"}],
+                    "stages": [
+                        {"name": "pretrain", "status": "ran", "seconds": 40.5, "config": "learning_rate: 3.0e-3\n"}
+                    ],
                 }
             )
         )
@@ -178,6 +180,9 @@ def test_report_leads_with_what_each_stage_changed(tmp_path):
     assert report == run / "report.md"
     text = report.read_text()
 
+    # The stages' time: pretrain's process as the run record timed it (40.5 s), the other five policy and reward
+    # stages by their own clocks (12.5 s each; the run record has no entry for them), the tokenizer none.
+    assert "Stage time 103 s (the stages' processes, summed), " in text
     # The first thing after the title and the run's one-line summary is the lead table.
     assert text.index("## What each stage changed") < text.index("|") < text.index("## Plots")
     lead = tables(text)[0]

@@ -115,6 +115,17 @@ def recipe_stages(run_dir: Path) -> list[str]:
         return []
 
 
+def stage_seconds(run_dir: Path, stages: list[StageReport]) -> float:
+    """The stages' time summed: each stage process as the runner timed it (start-up included) where the run record
+    has it, else the stage's own clock from its metrics (a stage run on its own; the tokenizer keeps none)."""
+    timed = {
+        entry.get("name"): num(entry.get("seconds"))
+        for entry in read_json(run_dir / RUN_RECORD).get("stages") or []
+        if isinstance(entry, dict)
+    }
+    return sum(timed.get(s.name) or num(s.metrics.get("wall_seconds")) or 0 for s in stages)
+
+
 def demonstrator(run_dir: Path, stages: list[StageReport]) -> dict:
     """The run's `demonstrator` argument ({task, slice, mistake, rate}) as the stages' markers recorded it (SFT's
     first: it trains on the demonstrations), else as the run record's stage configs and commands set it (maybe only
@@ -269,14 +280,14 @@ def render(run_dir: Path, stages: list[StageReport], images: list[str], ablation
     present = {s.name for s in stages}
     # The recipe's stages that left no folder (all kinds Quill knows when there is no run record to say which).
     absent = [n for n in (recipe_stages(run_dir) or STAGES) if n not in present]
-    wall = sum(num(s.metrics.get("wall_seconds")) or 0 for s in stages)
+    seconds = stage_seconds(run_dir, stages)
     tokens = sum(num(s.metrics.get("tokens_seen")) or 0 for s in stages)
     other = ablation_section(ablation[1], demonstrator(*ablation), str(ablation[0])) if ablation else []
     parts = [
         f"# Quill run report: `{run_dir.resolve().name}`",
         "",
         f"Stages: {', '.join(s.name for s in stages)}" + (f" (not run: {', '.join(absent)})" if absent else "") + ".",
-        f"Total wall time {wall:,.0f} s, {tokens:,} tokens seen in training.",
+        f"Stage time {seconds:,.0f} s (the stages' processes, summed), {tokens:,} tokens seen in training.",
         "",
         *lead_section(stages, demonstrator(run_dir, stages)),
         *other,
